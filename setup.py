@@ -1,0 +1,86 @@
+"""Build of rlhf-kernels: one extension, ``rlhf_kernels._C``, compiled with ninja.
+
+Environment switches
+--------------------
+RLHF_KERNELS_NO_EXT=1      skip the compiled extension (pure Python + Triton install).
+RLHF_KERNELS_FORCE_CUDA=1  compile the CUDA sources even when no GPU is visible (needs a CUDA build of torch
+                           and nvcc), e.g. when building inside a container.
+RLHF_KERNELS_NO_CUDA=1     compile only the CPU sources.
+RLHF_KERNELS_CUDA_ARCH     forwarded to TORCH_CUDA_ARCH_LIST when set (default "8.0;9.0").
+
+Install with ``pip install --no-build-isolation -e .``: the extension is compiled against the torch that is
+already installed, so pip must not build it in an isolated environment with another torch.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("RLHF_KERNELS_NO_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    link = ["-fopenmp"]
+
+    torch_has_cuda = torch.version.cuda is not None
+    nvcc_found = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    force = _flag("RLHF_KERNELS_FORCE_CUDA")
+    if force and not torch_has_cuda:
+        raise RuntimeError(
+            "RLHF_KERNELS_FORCE_CUDA=1 but the installed torch is a CPU-only build "
+            f"(torch {torch.__version__}); install a CUDA build of torch first."
+        )
+    use_cuda = (
+        not _flag("RLHF_KERNELS_NO_CUDA") and torch_has_cuda and nvcc_found and (force or torch.cuda.is_available())
+    )
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("RLHF_KERNELS_CUDA_ARCH", "8.0;9.0"))
+        ext = CUDAExtension(
+            "rlhf_kernels._C",
+            cpu_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("RLHF_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = CppExtension(
+            "rlhf_kernels._C",
+            cpu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="rlhf-kernels",
+    version="0.1.0",
+    description="Fused GPU/CPU kernels for LLM post-training (log-probs, entropy, KL, GAE, losses)",
+    packages=find_packages(include=["rlhf_kernels", "rlhf_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "ruff"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
