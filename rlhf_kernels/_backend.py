@@ -1,0 +1,109 @@
+"""Which backends exist on this machine, and which one an op call uses.
+
+Backends, in order of preference for each device:
+  * CUDA tensors: ``triton`` (GPU Triton kernels), ``cuda`` (CUDA C++ in ``rlhf_kernels._C``), ``reference``.
+  * CPU tensors:  ``cpu`` (C++ in ``rlhf_kernels._C``, vectorised, parallel over rows), ``reference``.
+    ``triton`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests only: it is slow), never by default.
+
+A call picks a backend with ``backend=`` (highest priority), else the environment variable
+``RLHF_KERNELS_BACKEND``, else the first available one in the order above.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+ENV_VAR = "RLHF_KERNELS_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_ext() -> tuple[bool, str]:
+    """Import ``rlhf_kernels._C`` once; returns (loaded, reason-if-not)."""
+    try:
+        importlib.import_module("rlhf_kernels._C")
+    except ImportError as exc:  # the package works without the compiled extension
+        return False, f"rlhf_kernels._C not built or not loadable ({exc})"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> tuple[bool, str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return False, f"triton not installed ({exc})"
+    return True, ""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{op}", key)
+
+
+def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
+    """For each backend, ``"ok"`` or the reason it cannot run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device).type
+    status: dict[str, str] = {}
+
+    ok, why = _triton_importable()
+    if not ok:
+        status["triton"] = why
+    elif dev == "cuda":
+        status["triton"] = "ok" if torch.cuda.is_available() else "no CUDA device"
+    elif dev == "cpu":
+        status["triton"] = "ok" if triton_interpreted() else "CPU tensors need TRITON_INTERPRET=1"
+    else:
+        status["triton"] = f"unsupported device type {dev!r}"
+
+    loaded, why = _load_ext()
+    if not loaded:
+        status["cuda"] = status["cpu"] = why
+    else:
+        if dev != "cuda":
+            status["cuda"] = "needs CUDA tensors"
+        elif not _has_kernel("logprobs_fwd", "CUDA"):
+            status["cuda"] = "rlhf_kernels._C was built without CUDA sources"
+        else:
+            status["cuda"] = "ok"
+        if dev != "cpu":
+            status["cpu"] = "needs CPU tensors"
+        else:
+            status["cpu"] = "ok" if _has_kernel("logprobs_fwd", "CPU") else "CPU kernels not registered"
+    status["reference"] = "ok"
+    return status
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (default: CUDA if present, else CPU), in order of preference."""
+    status = backend_status(device)
+    return [name for name in BACKENDS if status[name] == "ok"]
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing, not traced through
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """The backend an op call on ``device`` uses: ``requested``, else $RLHF_KERNELS_BACKEND, else the best one."""
+    name = requested if requested is not None else os.environ.get(ENV_VAR) or None
+    if name is None:
+        status = backend_status(device)
+        order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+        return next(b for b in order if status[b] == "ok")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(BACKENDS)}")
+    why = backend_status(device)[name]
+    if why != "ok":
+        src = "backend=" if requested is not None else f"${ENV_VAR}="
+        raise ValueError(
+            f"{src}{name!r} cannot run on {device.type} tensors here: {why}; "
+            f"available: {', '.join(available_backends(device))}"
+        )
+    return name

@@ -1,0 +1,108 @@
+"""Helpers shared by the ops: input checks, the (B, T, V) row view, launch settings, optional Triton."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+try:  # Triton is optional: CPU-only installs use the C++ or reference backends.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+    class _Absent:
+        """Stand-in so that kernel definitions import; launching one raises."""
+
+        constexpr = int
+
+        def jit(self, fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        def __getattr__(self, name):
+            raise RuntimeError("triton is not installed; use backend='cpu', 'cuda' or 'reference'")
+
+    triton = tl = _Absent()
+
+
+def check_float_tensor(name: str, x: object) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (t > 0.0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return t
+
+
+def check_labels(labels: object, lead_shape: torch.Size, device: torch.device) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match the leading dimensions of logits {tuple(lead_shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {device}")
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """One reduction (and one host sync on GPU): every label is ``ignore_index`` or in [0, vocab)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
+            f"({int(bad.sum())} bad labels). Pass check=False to skip this check (bad rows then give NaN)."
+        )
+
+
+def rows_3d(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` of shape (..., V) as (B, T, V) without copying, so that kernels get two leading strides.
+
+    Leading dimensions are grouped so that each group is one strided run (e.g. ``logits[:, :-1, :]`` of a
+    contiguous (B, T, V) tensor is (B, T-1) with strides (T*V, V): two groups). Layouts that need more than
+    two groups, and a last dimension that is not unit-stride, are copied (documented cost, rare in practice).
+    """
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    V = x.shape[-1]
+    dims = [(s, st) for s, st in zip(x.shape[:-1], x.stride()[:-1]) if s != 1]
+    groups: list[list[int]] = []  # each [size, stride] of a run of mergeable dimensions
+    for size, stride in dims:
+        if groups and groups[-1][1] == size * stride:
+            groups[-1][0] *= size
+            groups[-1][1] = stride
+        else:
+            groups.append([size, stride])
+    if len(groups) > 2:
+        x = x.contiguous()
+        groups = [[math.prod(x.shape[:-1]), V]]
+    while len(groups) < 2:
+        groups.insert(0, [1, 0])
+    (B, _), (T, _) = groups
+    return x.view(B, T, V)  # succeeds: each group is one strided run
+
+
+def row_launch_config(V: int, elem_size: int) -> tuple[int, int]:
+    """The one launch rule of row-wise Triton kernels: (BLOCK_V, num_warps) from V and the element size only.
+
+    A block holds up to 16 KiB of input (4096 fp32 or 8192 bf16 elements: 16-byte loads, several per thread),
+    so a row of 32k-256k vocab takes 4-64 iterations. Depending only on V and the dtype keeps the reduction
+    order of a row independent of the batch (batch invariance).
+    """
+    block = min(1 << max(V - 1, 0).bit_length(), 16384 // elem_size)
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return block, num_warps

@@ -1,0 +1,1 @@
+"""Kernels and launchers, one module per op family."""
