@@ -21,7 +21,7 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_ext() -> tuple[bool, str]:
     """Import ``rlhf_kernels._C`` once; returns (loaded, reason-if-not)."""
     try:
@@ -31,7 +31,7 @@ def _load_ext() -> tuple[bool, str]:
     return True, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> tuple[bool, str]:
     try:
         importlib.import_module("triton")

@@ -7,7 +7,9 @@ import rlhf_kernels
 
 
 def test_every_module_imports():
-    names = [m.name for m in pkgutil.walk_packages(rlhf_kernels.__path__, "rlhf_kernels.") if m.name != "rlhf_kernels._C"]
+    names = [
+        m.name for m in pkgutil.walk_packages(rlhf_kernels.__path__, "rlhf_kernels.") if m.name != "rlhf_kernels._C"
+    ]
     for name in names:
         importlib.import_module(name)
     assert "rlhf_kernels.ops.logprobs" in names

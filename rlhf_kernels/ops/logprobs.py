@@ -292,9 +292,7 @@ def logprobs(
     return (lp, ent) if return_entropy else lp
 
 
-def entropy(
-    logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None
-) -> torch.Tensor:
+def entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) over the last dimension: ``(..., V)`` -> fp32 ``(...)``.
 
     Same kernels, memory behaviour and NaN rule as :func:`logprobs`; differentiable with respect to ``logits``.

@@ -1,0 +1,253 @@
+"""Benchmark of rlhf_kernels.logprobs / fused_linear_logprobs against PyTorch eager, torch.compile and peers.
+
+    python -m benchmarks.bench_logprobs                      # this machine's default cases, prints tables
+    python -m benchmarks.bench_logprobs --out results.md     # also writes the tables and the environment
+    pytest benchmarks/bench_logprobs.py                      # pytest-benchmark timings (small CPU shapes)
+
+Columns: median time; GB/s of logits traffic (forward reads the logits once; forward+backward reads them twice
+and writes the gradient); that rate as a fraction of the device copy bandwidth measured in the same run; peak
+memory above the inputs (CUDA: allocator peak; CPU: peak RSS growth in a fresh process per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import sys
+
+import torch
+
+import rlhf_kernels
+from benchmarks.common import (
+    copy_bandwidth_gbs,
+    environment,
+    gpu_peak_extra_bytes,
+    median_ms,
+    peak_rss_extra_bytes,
+    run_isolated,
+)
+
+MODES = ("logprobs", "logprobs+entropy", "fwd+bwd")
+
+
+def eager(x, y, mode):
+    """What users write: log_softmax + gather, entropy via softmax; fp32 upcast as in common trainers."""
+    logp = torch.log_softmax(x.float(), dim=-1)
+    lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if mode == "logprobs":
+        return lp
+    ent = -(torch.softmax(x.float(), dim=-1) * logp).sum(-1)
+    return lp, ent
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(eager, dynamic=False)
+
+
+def ours(backend):
+    def fn(x, y, mode):
+        return rlhf_kernels.logprobs(x, y, return_entropy=mode != "logprobs", backend=backend)
+
+    return fn
+
+
+def providers(device: torch.device) -> dict:
+    table = {"torch": eager, "compile": lambda x, y, mode: _compiled()(x, y, mode)}
+    for b in rlhf_kernels.available_backends(device):
+        if b != "reference":
+            table[b] = ours(b)
+    if importlib.util.find_spec("liger_kernel") is not None and device.type == "cuda":
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        # Liger has no log-prob op; its cross-entropy (forward + grad in one pass) is the closest peer.
+        table["liger-ce"] = lambda x, y, mode: -liger_cross_entropy(x, y, reduction="none")
+    return table
+
+
+def make_inputs(n, v, dtype, device, requires_grad=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(n, v, device=device, dtype=torch.float32, generator=g) * 2).to(dtype)
+    y = torch.randint(0, v, (n,), device=device, generator=g)
+    return x.requires_grad_(requires_grad), y
+
+
+def step_fn(provider, x, y, mode):
+    if mode != "fwd+bwd":
+        return lambda: provider(x, y, mode)
+
+    def step():
+        out = provider(x, y, mode)
+        loss = out[0].sum() + 0.01 * out[1].sum() if isinstance(out, tuple) else out.sum()
+        loss.backward()
+        x.grad = None
+
+    return step
+
+
+def measure(name, n, v, dtype, device, mode, memory=True):
+    x, y = make_inputs(n, v, dtype, device, requires_grad=mode == "fwd+bwd")
+    provider = providers(device)[name]
+    fn = step_fn(provider, x, y, mode)
+    with torch.no_grad() if mode != "fwd+bwd" else torch.enable_grad():
+        ms = median_ms(fn, device)
+        mem = gpu_peak_extra_bytes(fn) if (memory and device.type == "cuda") else None
+    traffic = n * v * x.element_size() * (3 if mode == "fwd+bwd" else 1)
+    return {"ms": ms, "gbs": traffic / ms / 1e6, "mem": mem}
+
+
+def fused_linear_paths(n, h, v, dtype, device):
+    """Forward + backward of the unfused path (linear + log_softmax + gather) and of fused_linear_logprobs."""
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(n, h, device=device, generator=g) / h**0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device, generator=g)).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), device=device, generator=g)
+
+    def unfused():
+        lp = eager(torch.nn.functional.linear(hidden, weight), y, "logprobs")
+        lp.sum().backward()
+        hidden.grad = weight.grad = None
+
+    def fused():
+        rlhf_kernels.fused_linear_logprobs(hidden, weight, y).sum().backward()
+        hidden.grad = weight.grad = None
+
+    return {"unfused (torch)": unfused, "fused_linear_logprobs": fused}
+
+
+def fused_linear_case(n, h, v, dtype, device, memory=True):
+    rows = {}
+    for name, fn in fused_linear_paths(n, h, v, dtype, device).items():
+        ms = median_ms(fn, device, warmup=1, reps=3)
+        if not memory:
+            mem = None
+        elif device.type == "cuda":
+            mem = gpu_peak_extra_bytes(fn)
+        else:
+            mem = run_isolated("benchmarks.bench_logprobs", ["--_memory-one", json.dumps(["fused", name, n, h, v])])
+            mem = mem["mem"]
+        rows[name] = {"ms": ms, "mem": mem}
+    return rows
+
+
+def _memory_one(spec) -> int:
+    """CPU, in a fresh process: peak RSS growth of two calls of one benchmark row (fp32 inputs)."""
+    device = torch.device("cpu")
+    if spec[0] == "fused":
+        _, name, n, h, v = spec
+        fn = fused_linear_paths(n, h, v, torch.float32, device)[name]
+        return peak_rss_extra_bytes(lambda: (fn(), fn()))
+    _, name, n, v, mode = spec
+    x, y = make_inputs(n, v, torch.float32, device, requires_grad=mode == "fwd+bwd")
+    fn = step_fn(providers(device)[name], x, y, mode)
+    with torch.no_grad() if mode != "fwd+bwd" else torch.enable_grad():
+        return peak_rss_extra_bytes(lambda: (fn(), fn()))
+
+
+def _fmt_mem(b):
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def run(device: torch.device, cases, modes, memory: bool, fused_cases) -> str:
+    lines = []
+    for n, v, dtype in cases:
+        x, _ = make_inputs(n, v, dtype, device)
+        copy_gbs = copy_bandwidth_gbs(x)
+        del x
+        lines += [
+            f"\n### N={n}, V={v}, {str(dtype).replace('torch.', '')}, {device.type} "
+            f"(copy bandwidth {copy_gbs:,.1f} GB/s)\n",
+            "| mode | provider | median ms | GB/s | of copy BW | speed-up vs torch | peak extra memory |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for mode in modes:
+            base = None
+            for name in providers(device):
+                r = measure(name, n, v, dtype, device, mode, memory)
+                if memory and device.type == "cpu":
+                    r["mem"] = run_isolated(
+                        "benchmarks.bench_logprobs", ["--_memory-one", json.dumps(["op", name, n, v, mode])]
+                    )["mem"]
+                base = base or r["ms"]
+                lines.append(
+                    f"| {mode} | {name} | {r['ms']:.2f} | {r['gbs']:,.1f} | {r['gbs'] / copy_gbs:.0%} | "
+                    f"{base / r['ms']:.2f}x | {_fmt_mem(r['mem'])} |"
+                )
+                print(lines[-1], file=sys.stderr, flush=True)
+    for n, h, v, dtype in fused_cases:
+        rows = fused_linear_case(n, h, v, dtype, device, memory)
+        base = rows["unfused (torch)"]
+        lines += [
+            f"\n### fused_linear_logprobs, forward + backward: N={n}, H={h}, V={v}, "
+            f"{str(dtype).replace('torch.', '')}, {device.type}\n",
+            "| path | median ms | peak extra memory | memory vs unfused |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, r in rows.items():
+            frac = "-" if r["mem"] is None else f"{r['mem'] / base['mem']:.1%}"
+            lines.append(f"| {name} | {r['ms']:.1f} | {_fmt_mem(r['mem'])} | {frac} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (faster on CPU)")
+    p.add_argument("--out", help="write the tables (markdown) and the environment to this file")
+    p.add_argument("--_memory-one", dest="memory_one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_one:
+        print(json.dumps({"mem": _memory_one(json.loads(args.memory_one))}))
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        cases = [(n, v, torch.bfloat16) for v in (32000, 131072, 152064) for n in (4096, 16384)]
+        fused_cases = [(4096, 4096, 131072, torch.bfloat16)]
+    else:
+        cases = [(4096, 32000, torch.float32)]  # CPU memory rows assume fp32 (see _memory_one)
+        fused_cases = [(2048, 512, 32000, torch.float32)]
+    env = environment()
+    table = run(device, cases, args.modes.split(","), not args.no_memory, fused_cases)
+    header = "## rlhf_kernels.logprobs benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
+    print(header + "\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(header + "\n" + table + "\n")
+
+
+# pytest-benchmark entry points: `pytest benchmarks/bench_logprobs.py` (CPU-sized unless CUDA is present).
+_DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_N, _V = (4096, 131072) if _DEV.type == "cuda" else (1024, 32000)
+
+
+def _bench_params():
+    import pytest
+
+    return pytest.mark.parametrize("provider", list(providers(_DEV)))
+
+
+try:
+    import pytest
+
+    @pytest.mark.parametrize("mode", MODES)
+    @_bench_params()
+    def test_logprobs(benchmark, provider, mode):
+        dtype = torch.bfloat16 if _DEV.type == "cuda" else torch.float32
+        x, y = make_inputs(_N, _V, dtype, _DEV, requires_grad=mode == "fwd+bwd")
+        fn = step_fn(providers(_DEV)[provider], x, y, mode)
+
+        def timed():
+            fn()
+            if _DEV.type == "cuda":
+                torch.cuda.synchronize()
+
+        benchmark(timed)
+except ImportError:  # pragma: no cover - pytest only needed for the pytest-benchmark entry points
+    pass
+
+
+if __name__ == "__main__":
+    main()
