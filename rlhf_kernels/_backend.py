@@ -22,7 +22,7 @@ ENV_VAR = "RLHF_KERNELS_BACKEND"
 
 
 @functools.cache
-def _load_ext() -> tuple[bool, str]:
+def load_ext() -> tuple[bool, str]:
     """Import ``rlhf_kernels._C`` once; returns (loaded, reason-if-not)."""
     try:
         importlib.import_module("rlhf_kernels._C")
@@ -65,7 +65,7 @@ def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
     else:
         status["triton"] = f"unsupported device type {dev!r}"
 
-    loaded, why = _load_ext()
+    loaded, why = load_ext()
     if not loaded:
         status["cuda"] = status["cpu"] = why
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backend import resolve_backend
+from .._backend import load_ext, resolve_backend
 from .._utils import (
     check_float_tensor,
     check_label_range,
@@ -144,9 +144,6 @@ def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, lse, ent, inv_tempera
 
 
 def _native(op: str):
-    from .._backend import _load_ext
-
-    _load_ext()
     return getattr(torch.ops.rlhf_kernels_C, op)
 
 
@@ -166,10 +163,12 @@ def logprobs_fwd(
     return tuple(_native("logprobs_fwd")(logits, labels, inv_temperature, ignore_index))
 
 
-@logprobs_fwd.register_fake
-def _(logits, labels, inv_temperature, ignore_index, backend):
+def _fwd_fake(logits, labels, inv_temperature, ignore_index, backend=None):
     shape = logits.shape[:2]
     return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(3))
+
+
+logprobs_fwd.register_fake(_fwd_fake)
 
 
 @torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
@@ -192,9 +191,14 @@ def logprobs_bwd(
     return _native("logprobs_bwd")(*args)
 
 
-@logprobs_bwd.register_fake
-def _(logits, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index, backend):
+def _bwd_fake(logits, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index, backend=None):
     return logits.new_empty(logits.shape)
+
+
+logprobs_bwd.register_fake(_bwd_fake)
+if load_ext()[0]:  # the compiled ops get the same shape functions, so they trace under torch.compile too
+    torch.library.register_fake("rlhf_kernels_C::logprobs_fwd")(_fwd_fake)
+    torch.library.register_fake("rlhf_kernels_C::logprobs_bwd")(_bwd_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------
