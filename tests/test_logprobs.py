@@ -271,3 +271,19 @@ def test_gpu_large_vocab(backend, N, V):
     x = (torch.randn(N, V, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
     y = torch.randint(0, V, (N,), device="cuda")
     check_against_reference(backend, x, y)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_hand_computed(backend):
+    # Row 0: logits (0, ln 3), T = 1 -> p = (1/4, 3/4). Row 1: logits (0, 2 ln 3) at T = 2 is the same distribution.
+    # log p(label=1) = ln(3/4) = -0.2876821; entropy = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.3465736 + 0.2157616 = 0.5623351
+    # d logp / dz = onehot - p = (-1/4, 1/4); d/dlogits divides by T: row 1 gives (-1/8, 1/8).
+    ln3 = torch.log(torch.tensor(3.0)).item()
+    for logits, temperature, grad in (([0.0, ln3], 1.0, [-0.25, 0.25]), ([0.0, 2 * ln3], 2.0, [-0.125, 0.125])):
+        x = torch.tensor([logits], device=DEVICE, requires_grad=True)
+        y = torch.tensor([1], device=DEVICE)
+        lp, ent = rlhf_kernels.logprobs(x, y, temperature=temperature, return_entropy=True, backend=backend)
+        assert lp.item() == pytest.approx(-0.2876821, abs=1e-6)
+        assert ent.item() == pytest.approx(0.5623351, abs=1e-6)
+        lp.sum().backward()
+        assert x.grad[0].tolist() == pytest.approx(grad, abs=1e-6)

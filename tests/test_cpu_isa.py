@@ -1,0 +1,20 @@
+"""The CPU backend's generic and AVX2 code paths (selected at run time) pass the same tests as the default one."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DEVICE, KERNEL_BACKENDS
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or "cpu" not in KERNEL_BACKENDS, reason="needs the CPU backend")
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_cpu_isa_variant(isa):
+    env = dict(os.environ, RLHF_KERNELS_CPU_ISA=isa)
+    selection = "cpu and (matches_reference or batch_invariance or non_finite or ignored or hand_computed)"
+    here = os.path.dirname(__file__)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_logprobs.py")]
+    proc = subprocess.run([*cmd, "-k", selection], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
