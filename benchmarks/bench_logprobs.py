@@ -6,7 +6,7 @@
 
 Columns: median time; GB/s of logits traffic (forward reads the logits once; forward+backward reads them twice
 and writes the gradient); that rate as a fraction of the device copy bandwidth measured in the same run; peak
-memory above the inputs (CUDA: allocator peak; CPU: peak RSS growth in a fresh process per row).
+memory above the inputs (CUDA: allocator peak; CPU: peak resident set growth, Linux).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import sys
 
 import torch
@@ -26,7 +25,6 @@ from benchmarks.common import (
     gpu_peak_extra_bytes,
     median_ms,
     peak_rss_extra_bytes,
-    run_isolated,
 )
 
 MODES = ("logprobs", "logprobs+entropy", "fwd+bwd")
@@ -93,7 +91,7 @@ def measure(name, n, v, dtype, device, mode, memory=True):
     fn = step_fn(provider, x, y, mode)
     with torch.no_grad() if mode != "fwd+bwd" else torch.enable_grad():
         ms = median_ms(fn, device)
-        mem = gpu_peak_extra_bytes(fn) if (memory and device.type == "cuda") else None
+        mem = None if not memory else gpu_peak_extra_bytes(fn) if device.type == "cuda" else peak_rss_extra_bytes(fn)
     traffic = n * v * x.element_size() * (3 if mode == "fwd+bwd" else 1)
     return {"ms": ms, "gbs": traffic / ms / 1e6, "mem": mem}
 
@@ -121,29 +119,9 @@ def fused_linear_case(n, h, v, dtype, device, memory=True):
     rows = {}
     for name, fn in fused_linear_paths(n, h, v, dtype, device).items():
         ms = median_ms(fn, device, warmup=1, reps=3)
-        if not memory:
-            mem = None
-        elif device.type == "cuda":
-            mem = gpu_peak_extra_bytes(fn)
-        else:
-            mem = run_isolated("benchmarks.bench_logprobs", ["--_memory-one", json.dumps(["fused", name, n, h, v])])
-            mem = mem["mem"]
+        mem = None if not memory else gpu_peak_extra_bytes(fn) if device.type == "cuda" else peak_rss_extra_bytes(fn)
         rows[name] = {"ms": ms, "mem": mem}
     return rows
-
-
-def _memory_one(spec) -> int:
-    """CPU, in a fresh process: peak RSS growth of two calls of one benchmark row (fp32 inputs)."""
-    device = torch.device("cpu")
-    if spec[0] == "fused":
-        _, name, n, h, v = spec
-        fn = fused_linear_paths(n, h, v, torch.float32, device)[name]
-        return peak_rss_extra_bytes(lambda: (fn(), fn()))
-    _, name, n, v, mode = spec
-    x, y = make_inputs(n, v, torch.float32, device, requires_grad=mode == "fwd+bwd")
-    fn = step_fn(providers(device)[name], x, y, mode)
-    with torch.no_grad() if mode != "fwd+bwd" else torch.enable_grad():
-        return peak_rss_extra_bytes(lambda: (fn(), fn()))
 
 
 def _fmt_mem(b):
@@ -166,10 +144,6 @@ def run(device: torch.device, cases, modes, memory: bool, fused_cases) -> str:
             base = None
             for name in providers(device):
                 r = measure(name, n, v, dtype, device, mode, memory)
-                if memory and device.type == "cpu":
-                    r["mem"] = run_isolated(
-                        "benchmarks.bench_logprobs", ["--_memory-one", json.dumps(["op", name, n, v, mode])]
-                    )["mem"]
                 base = base or r["ms"]
                 lines.append(
                     f"| {mode} | {name} | {r['ms']:.2f} | {r['gbs']:,.1f} | {r['gbs'] / copy_gbs:.0%} | "
@@ -186,7 +160,7 @@ def run(device: torch.device, cases, modes, memory: bool, fused_cases) -> str:
             "|---|---:|---:|---:|",
         ]
         for name, r in rows.items():
-            frac = "-" if r["mem"] is None else f"{r['mem'] / base['mem']:.1%}"
+            frac = "-" if r["mem"] is None or not base["mem"] else f"{r['mem'] / base['mem']:.1%}"
             lines.append(f"| {name} | {r['ms']:.1f} | {_fmt_mem(r['mem'])} | {frac} |")
     return "\n".join(lines)
 
@@ -197,17 +171,13 @@ def main(argv=None):
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (faster on CPU)")
     p.add_argument("--out", help="write the tables (markdown) and the environment to this file")
-    p.add_argument("--_memory-one", dest="memory_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.memory_one:
-        print(json.dumps({"mem": _memory_one(json.loads(args.memory_one))}))
-        return
     device = torch.device(args.device)
     if device.type == "cuda":
         cases = [(n, v, torch.bfloat16) for v in (32000, 131072, 152064) for n in (4096, 16384)]
         fused_cases = [(4096, 4096, 131072, torch.bfloat16)]
     else:
-        cases = [(4096, 32000, torch.float32)]  # CPU memory rows assume fp32 (see _memory_one)
+        cases = [(4096, 32000, torch.float32)]
         fused_cases = [(2048, 512, 32000, torch.float32)]
     env = environment()
     table = run(device, cases, args.modes.split(","), not args.no_memory, fused_cases)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
@@ -53,24 +50,36 @@ def gpu_peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def current_rss_bytes() -> int:
+def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_extra_bytes(fn) -> int:
-    """CPU: growth of the process's peak resident set while ``fn()`` runs (meaningful in a fresh process)."""
-    base = current_rss_bytes()
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def peak_rss_extra_bytes(fn) -> int | None:
+    """CPU (Linux): peak resident memory above the current level while ``fn()`` runs. Resets the kernel's
+    high-water mark first (``/proc/self/clear_refs``); None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _rss_bytes()
     fn()
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    return max(0, _peak_rss_bytes() - base)
 
 
-def run_isolated(module: str, args: list[str]) -> dict:
-    """Run ``python -m module args`` in a fresh process and parse the JSON it prints last."""
-    out = subprocess.run(
-        [sys.executable, "-m", module, *args], check=True, capture_output=True, text=True, env=os.environ.copy()
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return f"{name} ({os.cpu_count()} logical CPUs)"
 
 
 def environment() -> dict:
@@ -88,7 +97,7 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
     return {
         "device": device,
         "cpu_threads": torch.get_num_threads(),
