@@ -89,6 +89,8 @@ def test_non_contiguous_last_dim_is_copied(backend):
     y = torch.randint(0, 300, (4,), device=DEVICE)
     got = rlhf_kernels.logprobs(x[:, ::2], y, backend=backend)
     assert torch.equal(got, rlhf_kernels.logprobs(x[:, ::2].contiguous(), y, backend=backend))
+    one = rlhf_kernels.logprobs(x[:, :2][:, ::2], y * 0, return_entropy=True, backend=backend)  # V = 1, stride 2
+    assert torch.equal(one[0], torch.zeros(4, device=DEVICE)) and torch.equal(one[1], torch.zeros(4, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

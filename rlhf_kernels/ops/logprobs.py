@@ -106,7 +106,7 @@ def _logprobs_bwd_kernel(
 
 
 def _check_launch_args(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if logits.dim() != 3 or logits.stride(2) != 1:
+    if logits.dim() != 3 or (logits.stride(2) != 1 and logits.shape[2] > 1):
         raise ValueError(
             f"logits must be a (B, T, V) tensor whose last dimension is contiguous, got shape "
             f"{tuple(logits.shape)} strides {logits.stride()}; call rlhf_kernels.logprobs, which copies if needed"
