@@ -289,3 +289,21 @@ def test_hand_computed(backend):
         assert ent.item() == pytest.approx(0.5623351, abs=1e-6)
         lp.sum().backward()
         assert x.grad[0].tolist() == pytest.approx(grad, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("offset", [30.0, 300.0])
+def test_large_logits_keep_fp32_precision(backend, offset):
+    """Softmax ignores a constant offset; the log-sum-exp (~offset) must not cost ulp(offset) of precision."""
+    x = (torch.randn(16, 4000, device=DEVICE) * 3 + offset).requires_grad_()
+    y = torch.randint(0, 4000, (16,), device=DEVICE)
+    ours, plain, ref = (
+        _grads(fn, leaf, lambda t: t, torch.ones(16, device=DEVICE), torch.ones(16, device=DEVICE))
+        for fn, leaf in (
+            (lambda t: rlhf_kernels.logprobs(t, y, return_entropy=True, backend=backend), x),
+            (lambda t: plain_torch(t, y), x),
+            (lambda t: reference.logprobs(t, y), x.detach().double().requires_grad_()),
+        )
+    )
+    for i, what in enumerate(("logprobs", "entropy", "grad")):
+        assert_within_torch_error(ours[i], plain[i], ref[i], 1e-6, f"{backend} offset {offset} {what}")

@@ -2,8 +2,12 @@
 //
 // Per row x (V logits) with z = float(x) * inv_temperature:
 //   forward:  m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)
-//             lse = m + log s, entropy = log s - t / s, logprob = z[label] - lse
-//   backward: p = exp(z - lse), dz = -p (g_lp + g_H (z - lse + H)) + [v == label] g_lp, dlogits = dz / T
+//             row_max = m, log_norm = log s, entropy = log s - t / s, logprob = (z[label] - m) - log s
+//   backward: lp = (z - m) - log_norm, p = exp(lp), dz = -p (g_lp + g_H (lp + H)) + [v == label] g_lp,
+//             dlogits = dz / T
+// The log-sum-exp m + log s is never formed: rounding it to fp32 would cost ulp(|m + log s|) of absolute
+// error in every log-prob and in every p of the backward (large when the logits are large, e.g. ~300).
+// Subtracting m first keeps z - m exact near the top of the row, so only the small log s is rounded in.
 //
 // Layout of the work:
 //   * rows are distributed over threads with at::parallel_for; one row is always processed by one thread
@@ -19,8 +23,8 @@
 //
 // Non-finite rows: a NaN or +-inf logit makes t NaN (NaN propagates; -inf gives exp(..) = 0 times -inf; +inf
 // gives inf - inf), and the row's logprob and entropy are then NaN. Ignored rows (label == ignore_index)
-// give exactly 0 for both (lse 0) and a zero gradient; a label outside [0, V) gives a NaN logprob and no
-// one-hot gradient term (never an out-of-bounds access).
+// give exactly 0 for both (row_max = log_norm = 0) and a zero gradient; a label outside [0, V) gives a NaN
+// logprob and no one-hot gradient term (never an out-of-bounds access).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -147,7 +151,8 @@ struct FwdArgs {
   int64_t ignore_index;
   float* logprobs;
   float* entropy;
-  float* lse;
+  float* row_max;
+  float* log_norm;
   RLHF_INLINE const T* row(int64_t r) const { return logits + (r / T_) * stride0 + (r % T_) * stride1; }
 };
 
@@ -158,18 +163,19 @@ RLHF_INLINE void fwd_rows(const FwdArgs<T>& a, int64_t r0, int64_t r1) {
     if (label == a.ignore_index) {
       a.logprobs[r] = 0.0f;
       a.entropy[r] = 0.0f;
-      a.lse[r] = 0.0f;
+      a.row_max[r] = 0.0f;
+      a.log_norm[r] = 0.0f;
       continue;
     }
     const T* x = a.row(r);
     const RowStats st = row_stats<T, kFma>(x, a.V, a.inv_t);
     const float log_s = std::log(st.s);
-    const float lse = st.m + log_s;
     const bool bad = st.t != st.t;  // t is NaN: a non-finite logit in the row
     const bool valid = label >= 0 && label < a.V;
-    a.lse[r] = lse;
+    a.row_max[r] = st.m;
+    a.log_norm[r] = log_s;
     a.entropy[r] = bad ? kNaN : log_s - st.t / st.s;
-    a.logprobs[r] = (bad || !valid) ? kNaN : to_float(x[valid ? label : 0]) * a.inv_t - lse;
+    a.logprobs[r] = (bad || !valid) ? kNaN : (to_float(x[valid ? label : 0]) * a.inv_t - st.m) - log_s;
   }
 }
 
@@ -180,7 +186,8 @@ struct BwdArgs {
   const int64_t* labels;
   const float* grad_logprobs;
   const float* grad_entropy;
-  const float* lse;
+  const float* row_max;
+  const float* log_norm;
   const float* entropy;
   float inv_t;
   int64_t ignore_index;
@@ -188,7 +195,8 @@ struct BwdArgs {
   RLHF_INLINE const T* row(int64_t r) const { return logits + (r / T_) * stride0 + (r % T_) * stride1; }
 };
 
-// dlogits = inv_t * (-p (c + g_H d)) with d = z - lse, c = g_lp + g_H H; the label entry adds inv_t g_lp.
+// dlogits = inv_t * (-p (c + g_H d)) with d = (z - m) - log_norm, p = exp(d), c = g_lp + g_H H; the label
+// entry adds inv_t g_lp.
 template <typename T, bool kFma>
 RLHF_INLINE void bwd_rows(const BwdArgs<T>& a, int64_t r0, int64_t r1) {
   const int64_t V = a.V;
@@ -200,16 +208,17 @@ RLHF_INLINE void bwd_rows(const BwdArgs<T>& a, int64_t r0, int64_t r1) {
       continue;
     }
     const T* __restrict x = a.row(r);
-    const float inv_t = a.inv_t, lse = a.lse[r], g_lp = a.grad_logprobs[r], g_h = a.grad_entropy[r];
+    const float inv_t = a.inv_t, m = a.row_max[r], ln = a.log_norm[r];
+    const float g_lp = a.grad_logprobs[r], g_h = a.grad_entropy[r];
     const float c = madd<kFma>(g_h, a.entropy[r], g_lp);
     const float neg_inv_t = -inv_t;
     for (int64_t i = 0; i < V; ++i) {
-      const float d = to_float(x[i]) * inv_t - lse;
+      const float d = (to_float(x[i]) * inv_t - m) - ln;
       const float p = exp_f32<kFma>(d);
       g[i] = from_float<T>(neg_inv_t * p * madd<kFma>(g_h, d, c));
     }
     if (label >= 0 && label < V) {
-      const float d = to_float(x[label]) * inv_t - lse;
+      const float d = (to_float(x[label]) * inv_t - m) - ln;
       const float p = exp_f32<kFma>(d);
       g[label] = from_float<T>((g_lp - p * madd<kFma>(g_h, d, c)) * inv_t);
     }
@@ -288,43 +297,50 @@ void check_row_tensor(const char* op, const char* name, const at::Tensor& x, int
               "), got ", x.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
-                                                                double inv_temperature, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
+                                                                            const at::Tensor& labels_in,
+                                                                            double inv_temperature,
+                                                                            int64_t ignore_index) {
   check_logits_labels("logprobs_fwd", logits, labels_in);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
   const auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logprobs = at::empty({B, T}, opts), entropy = at::empty({B, T}, opts), lse = at::empty({B, T}, opts);
-  if (N == 0) return {logprobs, entropy, lse};
+  at::Tensor logprobs = at::empty({B, T}, opts), entropy = at::empty({B, T}, opts),
+             row_max = at::empty({B, T}, opts), log_norm = at::empty({B, T}, opts);
+  if (N == 0) return {logprobs, entropy, row_max, log_norm};
   const at::Tensor labels = labels_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_fwd_cpu", [&] {
     FwdArgs<scalar_t> a{logits.data_ptr<scalar_t>(),    T, V, logits.stride(0), logits.stride(1),
                         labels.data_ptr<int64_t>(),     static_cast<float>(inv_temperature), ignore_index,
-                        logprobs.data_ptr<float>(),     entropy.data_ptr<float>(), lse.data_ptr<float>()};
+                        logprobs.data_ptr<float>(),     entropy.data_ptr<float>(), row_max.data_ptr<float>(),
+                        log_norm.data_ptr<float>()};
     at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) { fwd_dispatch<scalar_t>(a, r0, r1); });
   });
-  return {logprobs, entropy, lse};
+  return {logprobs, entropy, row_max, log_norm};
 }
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& grad_logprobs_in,
-                            const at::Tensor& grad_entropy_in, const at::Tensor& lse_in, const at::Tensor& entropy_in,
-                            double inv_temperature, int64_t ignore_index) {
+                            const at::Tensor& grad_entropy_in, const at::Tensor& row_max_in,
+                            const at::Tensor& log_norm_in, const at::Tensor& entropy_in, double inv_temperature,
+                            int64_t ignore_index) {
   const char* op = "logprobs_bwd";
   check_logits_labels(op, logits, labels_in);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
   check_row_tensor(op, "grad_logprobs", grad_logprobs_in, B, T);
   check_row_tensor(op, "grad_entropy", grad_entropy_in, B, T);
-  check_row_tensor(op, "lse", lse_in, B, T);
+  check_row_tensor(op, "row_max", row_max_in, B, T);
+  check_row_tensor(op, "log_norm", log_norm_in, B, T);
   check_row_tensor(op, "entropy", entropy_in, B, T);
   at::Tensor grad = at::empty({B, T, V}, logits.options());  // contiguous, logits dtype
   if (N == 0 || V == 0) return grad;
   // (B, T) fp32 side inputs may arrive expanded (e.g. from autograd); make them dense.
   const at::Tensor labels = labels_in.contiguous(), g_lp = grad_logprobs_in.contiguous(),
-                   g_h = grad_entropy_in.contiguous(), lse = lse_in.contiguous(), ent = entropy_in.contiguous();
+                   g_h = grad_entropy_in.contiguous(), row_max = row_max_in.contiguous(),
+                   log_norm = log_norm_in.contiguous(), ent = entropy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     BwdArgs<scalar_t> a{logits.data_ptr<scalar_t>(), T, V, logits.stride(0), logits.stride(1),
                         labels.data_ptr<int64_t>(),  g_lp.data_ptr<float>(), g_h.data_ptr<float>(),
-                        lse.data_ptr<float>(),       ent.data_ptr<float>(),  static_cast<float>(inv_temperature),
-                        ignore_index,                grad.data_ptr<scalar_t>()};
+                        row_max.data_ptr<float>(),   log_norm.data_ptr<float>(), ent.data_ptr<float>(),
+                        static_cast<float>(inv_temperature), ignore_index, grad.data_ptr<scalar_t>()};
     at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) { bwd_dispatch<scalar_t>(a, r0, r1); });
   });
   return grad;

@@ -4,6 +4,7 @@
 //
 // Contents
 //   ex2_approx            2^x with the hardware MUFU.EX2 unit (no range reduction, deterministic).
+//   exp_approx            e^x as ex2_approx(x * log2(e)).
 //   ElemTraits<T>         float / __nv_bfloat16 / __half: raw bit type, elements per 16-byte vector, exact
 //                         conversion to float and round-to-nearest conversion from float.
 //   unpack16 / pack16     16-byte vector <-> VEC raw elements (little-endian lane order: element 0 first).
@@ -32,6 +33,11 @@ __device__ __forceinline__ float ex2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// e^x = 2^(x * log2(e)) with one rounded product and one ex2.approx: relative error about 2^-22 + |x| 2^-23, so
+// x should be a small difference (e.g. z - max z), never a large value to be offset after scaling. -inf -> +0,
+// +inf -> +inf, NaN -> NaN.
+__device__ __forceinline__ float exp_approx(float x) { return ex2_approx(__fmul_rn(x, kLog2e)); }
 
 template <typename T>
 struct ElemTraits;

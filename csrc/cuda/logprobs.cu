@@ -68,8 +68,9 @@ void check_row_input(const char* op, const char* name, const at::Tensor& t, cons
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                                                double inv_temperature, int64_t ignore_index) {
+// Returns (logprobs, entropy, row_max, log_norm), all fp32 (B, T) contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, double inv_temperature, int64_t ignore_index) {
   constexpr const char* op = "logprobs_fwd";
   check_logits_labels(op, logits, labels);
   const c10::cuda::CUDAGuard device_guard(logits.device());
@@ -77,27 +78,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({B, T}, opts);
   at::Tensor entropy = at::empty({B, T}, opts);
-  at::Tensor lse = at::empty({B, T}, opts);
-  if (B * T == 0) return {logprobs, entropy, lse};
+  at::Tensor row_max = at::empty({B, T}, opts);
+  at::Tensor log_norm = at::empty({B, T}, opts);
+  if (B * T == 0) return {logprobs, entropy, row_max, log_norm};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   RLHF_DISPATCH_LOGITS(logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     using elem_t = typename CudaElem<scalar_t>::type;
     C10_CUDA_CHECK(rlhf_cuda::launch_logprobs_fwd<elem_t>(
         reinterpret_cast<const elem_t*>(logits.const_data_ptr<scalar_t>()), labels.const_data_ptr<int64_t>(),
-        logprobs.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), B, T,
-        V, logits.stride(0), logits.stride(1), static_cast<float>(inv_temperature), ignore_index, stream));
+        logprobs.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(), row_max.mutable_data_ptr<float>(),
+        log_norm.mutable_data_ptr<float>(), B, T, V, logits.stride(0), logits.stride(1),
+        static_cast<float>(inv_temperature), ignore_index, stream));
   });
-  return {logprobs, entropy, lse};
+  return {logprobs, entropy, row_max, log_norm};
 }
 
 at::Tensor logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& grad_logprobs,
-                             const at::Tensor& grad_entropy, const at::Tensor& lse, const at::Tensor& entropy,
-                             double inv_temperature, int64_t ignore_index) {
+                             const at::Tensor& grad_entropy, const at::Tensor& row_max, const at::Tensor& log_norm,
+                             const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
   constexpr const char* op = "logprobs_bwd";
   check_logits_labels(op, logits, labels);
   check_row_input(op, "grad_logprobs", grad_logprobs, logits);
   check_row_input(op, "grad_entropy", grad_entropy, logits);
-  check_row_input(op, "lse", lse, logits);
+  check_row_input(op, "row_max", row_max, logits);
+  check_row_input(op, "log_norm", log_norm, logits);
   check_row_input(op, "entropy", entropy, logits);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
@@ -108,9 +112,10 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
     using elem_t = typename CudaElem<scalar_t>::type;
     C10_CUDA_CHECK(rlhf_cuda::launch_logprobs_bwd<elem_t>(
         reinterpret_cast<const elem_t*>(logits.const_data_ptr<scalar_t>()), labels.const_data_ptr<int64_t>(),
-        grad_logprobs.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(), lse.const_data_ptr<float>(),
-        entropy.const_data_ptr<float>(), reinterpret_cast<elem_t*>(grad_logits.mutable_data_ptr<scalar_t>()), B, T,
-        V, logits.stride(0), logits.stride(1), static_cast<float>(inv_temperature), ignore_index, stream));
+        grad_logprobs.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(), row_max.const_data_ptr<float>(),
+        log_norm.const_data_ptr<float>(), entropy.const_data_ptr<float>(),
+        reinterpret_cast<elem_t*>(grad_logits.mutable_data_ptr<scalar_t>()), B, T, V, logits.stride(0),
+        logits.stride(1), static_cast<float>(inv_temperature), ignore_index, stream));
   });
   return grad_logits;
 }

@@ -6,14 +6,17 @@
 // int64 contiguous; per-row fp32 tensors (B, T) contiguous; the gradient is a contiguous (B, T, V) tensor.
 // Row r = b * T + t starts at logits + b * stride_b + t * stride_t.
 //
-// Forward, per row, with z_v = x_v * inv_temperature (fp32):
-//   lse = log sum_v e^{z_v},   entropy = lse - sum_v p_v z_v,   logprob = z_label - lse,   p_v = e^{z_v - lse}.
-// The kernel works in base 2 (y_v = x_v * inv_temperature * log2(e)) so that every exponential is one
-// ex2.approx instruction; results are converted back to natural units at the end.
-// Special rows: label == ignore_index -> logprob = entropy = 0; label outside [0, V) -> logprob = NaN;
-// a NaN or +-inf logit makes the row's entropy sum t NaN -> logprob = entropy = NaN. lse is always written.
+// Forward, per row, with z_v = x_v * inv_temperature (one fp32 rounding), m = max_v z_v, d_v = z_v - m:
+//   s = sum_v e^{d_v}, t = sum_v e^{d_v} d_v;  row_max = m, log_norm = log s,
+//   logprob = (z_label - m) - log_norm,  entropy = log_norm - t / s.
+// The log-sum-exp m + log s is never formed: rounding it to fp32 would cost ulp(|m + log s|) of absolute error
+// in every log-prob and every p of the backward (large for logits of a few hundred). Every exponential is one
+// ex2.approx of the small difference d * log2(e) (exp_approx), never of z and m prescaled separately.
+// Special rows: label == ignore_index -> logprob = entropy = row_max = log_norm = 0; label outside [0, V) ->
+// logprob = NaN; a NaN or +-inf logit makes the row's entropy sum t NaN -> logprob = entropy = NaN.
 //
-// Backward, per element: g_z = -p_v (g_lp + g_H (z_v - lse + H)) + [v == label] g_lp, grad = g_z * inv_temperature.
+// Backward, per element: lp_v = (z_v - m) - log_norm (in this order), p_v = e^{lp_v},
+//   g_z = -p_v (g_lp + g_H (lp_v + H)) + [v == label] g_lp,  grad = g_z * inv_temperature.
 //
 // Work split (the "launch rule", a function of V and the element size only, see logprobs_row_launch):
 //   threads_per_row (tpr) = smallest power of two in [32, 512] with tpr * 8 >= ceil(V / VEC), VEC = 16 / sizeof(T);
@@ -61,9 +64,9 @@ inline RowLaunch logprobs_row_launch(int64_t n_v, int vec) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Online softmax state, base 2: m = max y, s = sum 2^(y - m), t = sum 2^(y - m) (y - m) over the elements seen.
+// Online softmax state: m = max z, s = sum e^(z - m), t = sum e^(z - m) (z - m) over the elements seen.
 // Empty state: m = -inf, s = 0, t = 0. A non-empty state of finite values has s >= 1 (the maximum contributes
-// 2^0), so "s == 0 and t == 0" identifies the empty state; any NaN / inf input leaves s or t NaN, which every
+// e^0), so "s == 0 and t == 0" identifies the empty state; any NaN / inf input leaves s or t NaN, which every
 // later step propagates (NaN * a, NaN + b), while fmaxf on m may drop it.
 // ---------------------------------------------------------------------------------------------------------------
 struct SoftmaxState {
@@ -75,19 +78,19 @@ __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ SoftmaxState state_empty() { return {neg_inf_f(), 0.f, 0.f}; }
 __device__ __forceinline__ bool state_is_empty(const SoftmaxState& a) { return a.s == 0.f && a.t == 0.f; }
 
-// Folds one slot (n <= VEC valid values y[0..n)) into st: slot maximum, at most one rescale, one ex2 per element.
+// Folds one slot (n <= VEC valid values z[0..n)) into st: slot maximum, at most one rescale, one ex2 per element.
 template <int VEC>
-__device__ __forceinline__ void state_add_slot(SoftmaxState& st, const float (&y)[VEC], int n) {
+__device__ __forceinline__ void state_add_slot(SoftmaxState& st, const float (&z)[VEC], int n) {
   float cm = neg_inf_f();
 #pragma unroll
   for (int i = 0; i < VEC; ++i)
-    if (i < n) cm = fmaxf(cm, y[i]);
+    if (i < n) cm = fmaxf(cm, z[i]);
   if (cm > st.m) {  // false when cm is NaN (all-NaN slot): the NaN then reaches s and t below
     if (!state_is_empty(st)) {
-      // Re-base (s, t) from st.m to cm: t' = a (t + dm s), s' = a s with a = 2^dm, dm = m - cm < 0.
+      // Re-base (s, t) from st.m to cm: t' = a (t + dm s), s' = a s with a = e^dm, dm = m - cm < 0.
       // cm = +inf gives a = 0 and dm = -inf, hence t' = 0 * (-inf) = NaN: rows with +inf stay NaN.
       const float dm = __fsub_rn(st.m, cm);
-      const float a = ex2_approx(dm);
+      const float a = exp_approx(dm);
       st.t = __fmul_rn(a, __fmaf_rn(dm, st.s, st.t));
       st.s = __fmul_rn(st.s, a);
     }
@@ -96,8 +99,8 @@ __device__ __forceinline__ void state_add_slot(SoftmaxState& st, const float (&y
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     if (i < n) {
-      const float d = __fsub_rn(y[i], st.m);  // -inf for a -inf logit -> e = 0, e * d = NaN (by design)
-      const float e = ex2_approx(d);
+      const float d = __fsub_rn(z[i], st.m);  // -inf for a -inf logit -> e = 0, e * d = NaN (by design)
+      const float e = exp_approx(d);
       st.s = __fadd_rn(st.s, e);
       st.t = __fmaf_rn(e, d, st.t);
     }
@@ -111,7 +114,7 @@ __device__ __forceinline__ SoftmaxState state_merge(const SoftmaxState& a, const
   if (state_is_empty(a)) return b;
   const float m = fmaxf(a.m, b.m);
   const float da = __fsub_rn(a.m, m), db = __fsub_rn(b.m, m);
-  const float ea = ex2_approx(da), eb = ex2_approx(db);
+  const float ea = exp_approx(da), eb = exp_approx(db);
   SoftmaxState r;
   r.m = m;
   r.s = __fadd_rn(__fmul_rn(a.s, ea), __fmul_rn(b.s, eb));
@@ -148,20 +151,20 @@ __device__ __forceinline__ uint4 load_slot(const typename ElemTraits<T>::raw_t* 
   }
 }
 
-// y[i] = float(element i of slot v) * c2, the scaled base-2 logits of one full slot.
+// z[i] = float(element i of slot v) * inv_t, the scaled logits of one full slot.
 template <typename T>
-__device__ __forceinline__ void slot_to_y(const uint4& v, float c2, float (&y)[ElemTraits<T>::kVec]) {
+__device__ __forceinline__ void slot_to_z(const uint4& v, float inv_t, float (&z)[ElemTraits<T>::kVec]) {
   using Tr = ElemTraits<T>;
   typename Tr::raw_t raw[Tr::kVec];
   unpack16(v, raw);
 #pragma unroll
-  for (int i = 0; i < Tr::kVec; ++i) y[i] = __fmul_rn(Tr::to_float(raw[i]), c2);
+  for (int i = 0; i < Tr::kVec; ++i) z[i] = __fmul_rn(Tr::to_float(raw[i]), inv_t);
 }
 
 // Folds this thread's slots of row x (slots tid, tid + tpr, ... in increasing order) into st.
 template <typename T, bool kAligned>
 __device__ __forceinline__ void accumulate_row(const typename ElemTraits<T>::raw_t* x, int tid, int tpr, int n_v,
-                                               float c2, SoftmaxState& st) {
+                                               float inv_t, SoftmaxState& st) {
   using Tr = ElemTraits<T>;
   constexpr int VEC = Tr::kVec;
   constexpr int U = kLogprobsUnroll;
@@ -173,23 +176,23 @@ __device__ __forceinline__ void accumulate_row(const typename ElemTraits<T>::raw
     for (int u = 0; u < U; ++u) v[u] = load_slot<T, kAligned>(x, j + u * tpr);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float y[VEC];
-      slot_to_y<T>(v[u], c2, y);
-      state_add_slot(st, y, VEC);
+      float z[VEC];
+      slot_to_z<T>(v[u], inv_t, z);
+      state_add_slot(st, z, VEC);
     }
   }
   for (; j < n_full; j += tpr) {
-    float y[VEC];
-    slot_to_y<T>(load_slot<T, kAligned>(x, j), c2, y);
-    state_add_slot(st, y, VEC);
+    float z[VEC];
+    slot_to_z<T>(load_slot<T, kAligned>(x, j), inv_t, z);
+    state_add_slot(st, z, VEC);
   }
   const int n_tail = n_v - n_full * VEC;
   if (n_tail > 0 && j == n_full) {  // this thread owns the partial last slot: scalar loads on both paths
-    float y[VEC];
+    float z[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i)
-      y[i] = i < n_tail ? __fmul_rn(Tr::to_float(ld_cached(x + n_full * VEC + i)), c2) : 0.f;
-    state_add_slot(st, y, n_tail);
+      z[i] = i < n_tail ? __fmul_rn(Tr::to_float(ld_cached(x + n_full * VEC + i)), inv_t) : 0.f;
+    state_add_slot(st, z, n_tail);
   }
 }
 
@@ -197,8 +200,9 @@ template <typename T>
 __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksPerSm)
     logprobs_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels,
                         float* __restrict__ out_logprobs, float* __restrict__ out_entropy,
-                        float* __restrict__ out_lse, int64_t n_rows, int64_t n_t, int n_v, int64_t stride_b,
-                        int64_t stride_t, float inv_temperature, int64_t ignore_index, int tpr, int rows_per_block) {
+                        float* __restrict__ out_row_max, float* __restrict__ out_log_norm, int64_t n_rows,
+                        int64_t n_t, int n_v, int64_t stride_b, int64_t stride_t, float inv_temperature,
+                        int64_t ignore_index, int tpr, int rows_per_block) {
   using Tr = ElemTraits<T>;
   using raw_t = typename Tr::raw_t;
   __shared__ SoftmaxState warp_states[kLogprobsMaxThreadsPerRow / 32];
@@ -208,7 +212,6 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
   const int lane = threadIdx.x & 31;
   const int first_warp = (group * tpr) >> 5;    // first warp of this row group
   const int warps_per_row = tpr >> 5;
-  const float c2 = __fmul_rn(inv_temperature, kLog2e);
   const raw_t* base = reinterpret_cast<const raw_t*>(logits);
   const int64_t n_blocks = (n_rows + rows_per_block - 1) / rows_per_block;
 
@@ -218,18 +221,18 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
     const bool valid = row < n_rows;
     SoftmaxState st = state_empty();
     int64_t label = ignore_index;
-    float y_label = 0.f;
+    float z_label = 0.f;
     if (valid) {
       const int64_t b = row / n_t;
       const raw_t* x = base + b * stride_b + (row - b * n_t) * stride_t;
       if (tid == 0) {  // the thread that writes the outputs reads the label and its logit early (bounds-checked)
         label = labels[row];
-        if (label >= 0 && label < n_v) y_label = __fmul_rn(Tr::to_float(ld_cached(x + label)), c2);
+        if (label >= 0 && label < n_v) z_label = __fmul_rn(Tr::to_float(ld_cached(x + label)), inv_temperature);
       }
       if ((reinterpret_cast<uintptr_t>(x) & 15) == 0)
-        accumulate_row<T, true>(x, tid, tpr, n_v, c2, st);
+        accumulate_row<T, true>(x, tid, tpr, n_v, inv_temperature, st);
       else
-        accumulate_row<T, false>(x, tid, tpr, n_v, c2, st);
+        accumulate_row<T, false>(x, tid, tpr, n_v, inv_temperature, st);
     }
     st = warp_reduce_state(st);
     if (lane == 0) warp_states[threadIdx.x >> 5] = st;
@@ -238,17 +241,13 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
       SoftmaxState w = lane < warps_per_row ? warp_states[first_warp + lane] : state_empty();
       w = warp_reduce_state(w);
       if (lane == 0) {
-        const float log2s = log2f(w.s);
-        out_lse[row] = __fmul_rn(kLn2, __fadd_rn(w.m, log2s));
-        float lp = 0.f, h = 0.f;
-        if (label != ignore_index) {
-          const bool finite = !isnan(w.t);
-          h = finite ? __fmul_rn(kLn2, __fsub_rn(log2s, __fdiv_rn(w.t, w.s))) : nan_f();
-          lp = finite && label >= 0 && label < n_v ? __fmul_rn(kLn2, __fsub_rn(__fsub_rn(y_label, w.m), log2s))
-                                                   : nan_f();
-        }
-        out_logprobs[row] = lp;
-        out_entropy[row] = h;
+        const bool used = label != ignore_index, finite = !isnan(w.t);  // ignored row: all four outputs 0
+        const float log_norm = used ? logf(w.s) : 0.f;
+        out_row_max[row] = used ? w.m : 0.f;
+        out_log_norm[row] = log_norm;
+        out_entropy[row] = !used ? 0.f : finite ? __fsub_rn(log_norm, __fdiv_rn(w.t, w.s)) : nan_f();
+        const bool lp_ok = used && finite && label >= 0 && label < n_v;  // else NaN, or 0 for an ignored row
+        out_logprobs[row] = lp_ok ? __fsub_rn(__fsub_rn(z_label, w.m), log_norm) : used ? nan_f() : 0.f;
       }
     }
     __syncthreads();  // warp_states is rewritten by the next iteration
@@ -259,14 +258,15 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
 // Backward: elementwise over each row, one read of the logits and one write of the gradient.
 // ---------------------------------------------------------------------------------------------------------------
 struct GradRow {
-  float neg_lse, h, g_lp, g_h, inv_t;
+  float m, log_norm, h, g_lp, g_h, inv_t;
   int label;  // -1 when the label is outside [0, V): no one-hot term
 };
 
 __device__ __forceinline__ float grad_elem(float x, int v, const GradRow& g) {
-  const float d = __fmaf_rn(x, g.inv_t, g.neg_lse);  // z_v - lse with a single rounding
-  const float p = ex2_approx(__fmul_rn(d, kLog2e));
-  const float inner = __fmaf_rn(g.g_h, __fadd_rn(d, g.h), g.g_lp);
+  // lp_v = (z_v - m) - log_norm: z_v rounded as in the forward, z_v - m exact near the top of the row.
+  const float lp = __fsub_rn(__fsub_rn(__fmul_rn(x, g.inv_t), g.m), g.log_norm);
+  const float p = exp_approx(lp);
+  const float inner = __fmaf_rn(g.g_h, __fadd_rn(lp, g.h), g.g_lp);
   float gz = -__fmul_rn(p, inner);
   if (v == g.label) gz = __fadd_rn(gz, g.g_lp);
   return __fmul_rn(gz, g.inv_t);
@@ -336,7 +336,8 @@ template <typename T>
 __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksPerSm)
     logprobs_bwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels,
                         const float* __restrict__ grad_logprobs, const float* __restrict__ grad_entropy,
-                        const float* __restrict__ lse, const float* __restrict__ entropy, T* __restrict__ grad_logits,
+                        const float* __restrict__ row_max, const float* __restrict__ log_norm,
+                        const float* __restrict__ entropy, T* __restrict__ grad_logits,
                         int64_t n_rows, int64_t n_t, int n_v, int64_t stride_b, int64_t stride_t,
                         float inv_temperature, int64_t ignore_index, int tpr, int rows_per_block) {
   using raw_t = typename ElemTraits<T>::raw_t;
@@ -359,7 +360,8 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
       grad_row<T, true>(x, out, tid, tpr, n_v, g);  // ignored row: exact zeros, logits not read
       continue;
     }
-    g.neg_lse = -lse[row];
+    g.m = row_max[row];
+    g.log_norm = log_norm[row];
     g.h = entropy[row];
     g.g_lp = grad_logprobs[row];
     g.g_h = grad_entropy[row];
@@ -378,23 +380,25 @@ inline unsigned logprobs_grid(int64_t n_rows, int rows_per_block) {
 }
 
 template <typename T>
-cudaError_t launch_logprobs_fwd(const T* logits, const int64_t* labels, float* logprobs, float* entropy, float* lse,
-                                int64_t n_b, int64_t n_t, int64_t n_v, int64_t stride_b, int64_t stride_t,
-                                float inv_temperature, int64_t ignore_index, cudaStream_t stream) {
+cudaError_t launch_logprobs_fwd(const T* logits, const int64_t* labels, float* logprobs, float* entropy,
+                                float* row_max, float* log_norm, int64_t n_b, int64_t n_t, int64_t n_v,
+                                int64_t stride_b, int64_t stride_t, float inv_temperature, int64_t ignore_index,
+                                cudaStream_t stream) {
   const int64_t n_rows = n_b * n_t;
   if (n_rows <= 0) return cudaSuccess;
   if (n_v < 1 || n_v > kLogprobsMaxVocab) return cudaErrorInvalidValue;
   const RowLaunch rl = logprobs_row_launch(n_v, ElemTraits<T>::kVec);
   logprobs_fwd_kernel<T><<<logprobs_grid(n_rows, rl.rows_per_block), rl.threads_per_row * rl.rows_per_block, 0,
-                           stream>>>(logits, labels, logprobs, entropy, lse, n_rows, n_t, static_cast<int>(n_v),
-                                     stride_b, stride_t, inv_temperature, ignore_index, rl.threads_per_row,
-                                     rl.rows_per_block);
+                           stream>>>(logits, labels, logprobs, entropy, row_max, log_norm, n_rows, n_t,
+                                     static_cast<int>(n_v), stride_b, stride_t, inv_temperature, ignore_index,
+                                     rl.threads_per_row, rl.rows_per_block);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_logprobs_bwd(const T* logits, const int64_t* labels, const float* grad_logprobs,
-                                const float* grad_entropy, const float* lse, const float* entropy, T* grad_logits,
+                                const float* grad_entropy, const float* row_max, const float* log_norm,
+                                const float* entropy, T* grad_logits,
                                 int64_t n_b, int64_t n_t, int64_t n_v, int64_t stride_b, int64_t stride_t,
                                 float inv_temperature, int64_t ignore_index, cudaStream_t stream) {
   const int64_t n_rows = n_b * n_t;
@@ -402,19 +406,19 @@ cudaError_t launch_logprobs_bwd(const T* logits, const int64_t* labels, const fl
   if (n_v < 1 || n_v > kLogprobsMaxVocab) return cudaErrorInvalidValue;
   const RowLaunch rl = logprobs_row_launch(n_v, ElemTraits<T>::kVec);
   logprobs_bwd_kernel<T><<<logprobs_grid(n_rows, rl.rows_per_block), rl.threads_per_row * rl.rows_per_block, 0,
-                           stream>>>(logits, labels, grad_logprobs, grad_entropy, lse, entropy, grad_logits, n_rows,
-                                     n_t, static_cast<int>(n_v), stride_b, stride_t, inv_temperature, ignore_index,
-                                     rl.threads_per_row, rl.rows_per_block);
+                           stream>>>(logits, labels, grad_logprobs, grad_entropy, row_max, log_norm, entropy,
+                                     grad_logits, n_rows, n_t, static_cast<int>(n_v), stride_b, stride_t,
+                                     inv_temperature, ignore_index, rl.threads_per_row, rl.rows_per_block);
   return cudaGetLastError();
 }
 
 // Explicit instantiations for the three element types (this header is included by logprobs.cu only).
 #define RLHF_LOGPROBS_INSTANTIATE(T)                                                                             \
-  template cudaError_t launch_logprobs_fwd<T>(const T*, const int64_t*, float*, float*, float*, int64_t, int64_t, \
-                                              int64_t, int64_t, int64_t, float, int64_t, cudaStream_t);          \
+  template cudaError_t launch_logprobs_fwd<T>(const T*, const int64_t*, float*, float*, float*, float*, int64_t, \
+                                              int64_t, int64_t, int64_t, int64_t, float, int64_t, cudaStream_t); \
   template cudaError_t launch_logprobs_bwd<T>(const T*, const int64_t*, const float*, const float*, const float*, \
-                                              const float*, T*, int64_t, int64_t, int64_t, int64_t, int64_t,      \
-                                              float, int64_t, cudaStream_t);
+                                              const float*, const float*, T*, int64_t, int64_t, int64_t, int64_t, \
+                                              int64_t, float, int64_t, cudaStream_t);
 
 RLHF_LOGPROBS_INSTANTIATE(float)
 RLHF_LOGPROBS_INSTANTIATE(__nv_bfloat16)

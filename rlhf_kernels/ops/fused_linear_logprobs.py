@@ -41,26 +41,26 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index, chunk, backend):
         N = hidden.shape[0]
-        lp, ent, lse = (hidden.new_empty(N, dtype=torch.float32) for _ in range(3))
+        lp, ent, row_max, log_norm = (hidden.new_empty(N, dtype=torch.float32) for _ in range(4))
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V)
             out = torch.ops.rlhf_kernels.logprobs_fwd(
                 logits, labels[s:e].unsqueeze(0), inv_temperature, ignore_index, backend
             )
-            for dst, src in zip((lp, ent, lse), out):
+            for dst, src in zip((lp, ent, row_max, log_norm), out):
                 dst[s:e] = src[0]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_norm, ent)
         ctx.args = (inv_temperature, ignore_index, chunk, backend)
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, labels, row_max, log_norm, ent = ctx.saved_tensors
         inv_temperature, ignore_index, chunk, backend = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp.float().contiguous()
-        grad_ent = torch.zeros_like(lse) if grad_ent is None else grad_ent.float().contiguous()
+        grad_lp = torch.zeros_like(ent) if grad_lp is None else grad_lp.float().contiguous()
+        grad_ent = torch.zeros_like(ent) if grad_ent is None else grad_ent.float().contiguous()
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -70,7 +70,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             logits = F.linear(h, weight, bias).unsqueeze(0)  # (1, C, V), recomputed
             g = torch.ops.rlhf_kernels.logprobs_bwd(
                 logits, labels[s:e].unsqueeze(0), grad_lp[s:e].unsqueeze(0), grad_ent[s:e].unsqueeze(0),
-                lse[s:e].unsqueeze(0), ent[s:e].unsqueeze(0), inv_temperature, ignore_index, backend,
+                row_max[s:e].unsqueeze(0), log_norm[s:e].unsqueeze(0), ent[s:e].unsqueeze(0),
+                inv_temperature, ignore_index, backend,
             )[0]  # (C, V), dtype of the logits  # fmt: skip
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:e])

@@ -1,10 +1,12 @@
 """Fused per-token log-probabilities and entropy: kernels, launchers, torch.library ops, autograd.
 
 For each row x (V logits) and label y, with z = x / temperature:
-    lse = logsumexp(z),  logprob = z[y] - lse,  entropy = lse - sum_v softmax(z)_v z_v
+    logprob = log softmax(z)[y],  entropy = -sum_v p_v log p_v,  p = softmax(z)
 The forward reads each row once, keeping an online max m, s = sum exp(z - m) and t = sum exp(z - m) (z - m);
-then lse = m + log s and entropy = log s - t / s. Only lse and entropy (O(N)) are saved; the backward re-reads
-the logits:  d logprob / dz = onehot(y) - p,   d entropy / dz = -p (z - lse + entropy).
+then log p_v = (z_v - m) - log s and entropy = log s - t / s. The log-sum-exp is kept as its two parts m and
+log s (never summed: m + log s would round to ulp(|lse|), ~1e-5 for logits near 100). Only m, log s and the
+entropy (O(N)) are saved; the backward re-reads the logits:
+    d logprob / dz = onehot(y) - p,   d entropy / dz = -p (log p + entropy).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .._utils import (
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, lp_ptr, ent_ptr, lse_ptr,
+    logits_ptr, labels_ptr, lp_ptr, ent_ptr, max_ptr, lognorm_ptr,
     T, V, stride_b, stride_t, inv_temp, ignore_index,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
@@ -59,23 +61,23 @@ def _logprobs_fwd_kernel(
         m = m_new
 
     log_s = tl.log(s)
-    lse = m + log_s
     entropy = log_s - t / s
     valid = (label >= 0) & (label < V)
     z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-    logprob = tl.where(valid, z_label - lse, float("nan"))
+    logprob = tl.where(valid, (z_label - m) - log_s, float("nan"))
     finite = t == t
     logprob = tl.where(finite, logprob, float("nan"))
     entropy = tl.where(finite, entropy, float("nan"))
     ignored = label == ignore_index
     tl.store(lp_ptr + row, tl.where(ignored, 0.0, logprob))
     tl.store(ent_ptr + row, tl.where(ignored, 0.0, entropy))
-    tl.store(lse_ptr + row, lse)
+    tl.store(max_ptr + row, m)
+    tl.store(lognorm_ptr + row, log_s)
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, grad_lp_ptr, grad_ent_ptr, lse_ptr, ent_ptr, grad_ptr,
+    logits_ptr, labels_ptr, grad_lp_ptr, grad_ent_ptr, max_ptr, lognorm_ptr, ent_ptr, grad_ptr,
     T, V, stride_b, stride_t, inv_temp, ignore_index,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
@@ -92,11 +94,13 @@ def _logprobs_bwd_kernel(
     else:
         g_lp = tl.load(grad_lp_ptr + row)
         g_ent = tl.load(grad_ent_ptr + row)
-        lse = tl.load(lse_ptr + row)
+        m = tl.load(max_ptr + row)
+        log_s = tl.load(lognorm_ptr + row)
         ent = tl.load(ent_ptr + row)
         z = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
-        p = tl.exp(z - lse)
-        gz = tl.where(offs == label, g_lp, 0.0) - p * (g_lp + g_ent * (z - lse + ent))
+        logp = (z - m) - log_s
+        p = tl.exp(logp)
+        gz = tl.where(offs == label, g_lp, 0.0) - p * (g_lp + g_ent * (logp + ent))
         tl.store(out, (gz * inv_temp).to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -118,7 +122,7 @@ def _check_launch_args(logits: torch.Tensor, labels: torch.Tensor) -> None:
 def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int):
     _check_launch_args(logits, labels)
     B, T, V = logits.shape
-    out = [torch.empty((B, T), dtype=torch.float32, device=logits.device) for _ in range(3)]
+    out = [torch.empty((B, T), dtype=torch.float32, device=logits.device) for _ in range(4)]
     if B * T > 0:
         block, warps = row_launch_config(V, logits.element_size())
         _logprobs_fwd_kernel[(B * T,)](
@@ -128,7 +132,7 @@ def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperat
     return tuple(out)
 
 
-def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, lse, ent, inv_temperature: float, ignore_index: int):
+def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, row_max, log_norm, ent, inv_temperature, ignore_index):
     _check_launch_args(logits, labels)
     B, T, V = logits.shape
     grad = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
@@ -136,7 +140,7 @@ def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, lse, ent, inv_tempera
         block, warps = row_launch_config(V, logits.element_size())
         grid = (B * T, triton.cdiv(V, block))
         _logprobs_bwd_kernel[grid](
-            logits, labels, grad_lp, grad_ent, lse, ent, grad,
+            logits, labels, grad_lp, grad_ent, row_max, log_norm, ent, grad,
             T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index,
             BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
@@ -155,8 +159,9 @@ def _native(op: str):
 @torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
 def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T, V), (B, T) -> fp32 (logprobs, entropy, lse), each (B, T). ``backend``: triton | cuda | cpu."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, V), (B, T) -> fp32 (logprobs, entropy, row_max, log_norm), each (B, T); logsumexp = row_max +
+    log_norm. ``backend``: triton | cuda | cpu."""
     if backend == "triton":
         return logprobs_fwd_triton(logits, labels, inv_temperature, ignore_index)
     _check_launch_args(logits, labels)
@@ -165,7 +170,7 @@ def logprobs_fwd(
 
 def _fwd_fake(logits, labels, inv_temperature, ignore_index, backend=None):
     shape = logits.shape[:2]
-    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(3))
+    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(4))
 
 
 logprobs_fwd.register_fake(_fwd_fake)
@@ -177,21 +182,24 @@ def logprobs_bwd(
     labels: torch.Tensor,
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
     entropy: torch.Tensor,
     inv_temperature: float,
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
     """Gradient of (logprobs, entropy) with respect to logits: (B, T, V) contiguous, in the logits dtype."""
-    args = (logits, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index)
+    args = (logits, labels, grad_logprobs, grad_entropy, row_max, log_norm, entropy, inv_temperature, ignore_index)
     if backend == "triton":
         return logprobs_bwd_triton(*args)
     _check_launch_args(logits, labels)
     return _native("logprobs_bwd")(*args)
 
 
-def _bwd_fake(logits, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index, backend=None):
+def _bwd_fake(
+    logits, labels, grad_lp, grad_ent, row_max, log_norm, entropy, inv_temperature, ignore_index, backend=None
+):
     return logits.new_empty(logits.shape)
 
 
@@ -211,17 +219,19 @@ class LogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, inv_temperature, ignore_index, backend):
-        lp, ent, lse = torch.ops.rlhf_kernels.logprobs_fwd(logits, labels, inv_temperature, ignore_index, backend)
-        ctx.save_for_backward(logits, labels, lse, ent)  # logits are the caller's; lse, ent are O(N)
+        lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(
+            logits, labels, inv_temperature, ignore_index, backend
+        )
+        ctx.save_for_backward(logits, labels, row_max, log_norm, ent)  # logits are the caller's; the rest O(N)
         ctx.args = (inv_temperature, ignore_index, backend)
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
-        grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp.float().contiguous()
-        grad_ent = torch.zeros_like(lse) if grad_ent is None else grad_ent.float().contiguous()
-        grad = torch.ops.rlhf_kernels.logprobs_bwd(logits, labels, grad_lp, grad_ent, lse, ent, *ctx.args)
+        logits, labels, row_max, log_norm, ent = ctx.saved_tensors
+        grad_lp = torch.zeros_like(ent) if grad_lp is None else grad_lp.float().contiguous()
+        grad_ent = torch.zeros_like(ent) if grad_ent is None else grad_ent.float().contiguous()
+        grad = torch.ops.rlhf_kernels.logprobs_bwd(logits, labels, grad_lp, grad_ent, row_max, log_norm, ent, *ctx.args)
         return (
             grad,  # logits
             None,  # labels
