@@ -12,10 +12,7 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 try:  # Triton is optional: CPU-only installs use the C++ or reference backends.
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
 
     class _Absent:
         """Stand-in so that kernel definitions import; launching one raises."""

@@ -20,3 +20,21 @@ def test_backend_report():
     assert status["reference"] == "ok"
     assert all(isinstance(v, str) and v for v in status.values())
     assert rlhf_kernels.available_backends("cpu")[-1] == "reference"
+
+
+def test_imports_and_runs_without_triton():
+    """A CPU-only install without triton still imports and computes (C++ or reference backend)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, rlhf_kernels\n"
+        "assert 'triton' not in rlhf_kernels.available_backends('cpu')\n"
+        "x = torch.randn(3, 10); y = torch.tensor([1, 2, 3])\n"
+        "ref = rlhf_kernels.logprobs(x, y, backend='reference')\n"
+        "assert torch.allclose(rlhf_kernels.logprobs(x, y), ref, atol=1e-6)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RLHF_KERNELS_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -22,7 +22,6 @@
 namespace rlhf_cuda {
 
 inline constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
-inline constexpr float kLn2 = 0.6931471805599453f;    // ln(2)
 
 // 2^x via ex2.approx.ftz.f32: relative error about 2^-22, results below 2^-126 flush to +0,
 // 2^-inf = +0, 2^+inf = +inf, 2^NaN = NaN. It is a single hardware instruction, so the value of a given input
