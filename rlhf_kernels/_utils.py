@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -103,3 +104,20 @@ def row_launch_config(V: int, elem_size: int) -> tuple[int, int]:
     block = min(1 << max(V - 1, 0).bit_length(), 16384 // elem_size)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, num_warps
+
+
+def interpreter_rounds_bf16(dtype: torch.dtype) -> bool:
+    """The Triton interpreter converts fp32 to bf16 by truncation (GPUs round to nearest even), which makes
+    interpreted bf16 outputs up to one ulp off; kernels then round in :func:`to_output_dtype` themselves."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def to_output_dtype(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 ``x`` converted to ``dtype``; with ROUND_BF16 (interpreter only) rounded to nearest even first, so
+    that the truncating conversion is exact (inf and NaN keep their class: the carry stays in the low bits)."""
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -59,3 +59,52 @@ def fused_linear_logprobs(
     """``logprobs(hidden @ weight.T + bias, labels)``: hidden (..., H), weight (V, H), bias (V,)."""
     logits = torch.nn.functional.linear(_upcast(hidden), _upcast(weight), None if bias is None else _upcast(bias))
     return logprobs(logits, labels, temperature, ignore_index)
+
+
+def kl_from_logits(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    direction: str = "reverse",
+) -> torch.Tensor:
+    """Exact per-token KL between p = softmax(logits / T) and q = softmax(ref_logits / T): (..., V) -> (...).
+
+    ``direction="reverse"``: KL(p || q) = sum_v p_v (log p_v - log q_v); ``"forward"``: KL(q || p). Computed in
+    fp32 (fp64 if either input is fp64); clamped at 0; 0.0 where ``mask`` is False; NaN for a row holding a NaN or
+    +-inf logit in either input. ``ref_logits`` is treated as frozen (no gradient).
+    """
+    dtype = torch.promote_types(_upcast(logits).dtype, _upcast(ref_logits).dtype)
+    if mask is not None:  # masked-out rows are ignored entirely: their values (even NaN) reach no output or gradient
+        keep = mask.bool().unsqueeze(-1)
+        logits = torch.where(keep, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        ref_logits = torch.where(keep, ref_logits, torch.zeros((), dtype=ref_logits.dtype, device=ref_logits.device))
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (..., V)
+    logq = torch.log_softmax(ref_logits.detach().to(dtype) / temperature, dim=-1)  # (..., V)
+    if direction == "forward":
+        logp, logq = logq, logp
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+    bad = ~(torch.isfinite(logits).all(-1) & torch.isfinite(ref_logits).all(-1))
+    kl = torch.where(bad, torch.full_like(kl, float("nan")), kl)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl
+
+
+def fused_linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    direction: str = "reverse",
+) -> torch.Tensor:
+    """``kl_from_logits(hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias)``."""
+    linear = torch.nn.functional.linear
+    logits = linear(_upcast(hidden), _upcast(weight), None if bias is None else _upcast(bias))
+    ref_b = None if ref_bias is None else _upcast(ref_bias).detach()
+    ref_logits = linear(_upcast(ref_hidden).detach(), _upcast(ref_weight).detach(), ref_b)
+    return kl_from_logits(logits, ref_logits, temperature, mask, direction)

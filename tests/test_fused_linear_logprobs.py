@@ -6,7 +6,7 @@ from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_
 
 import rlhf_kernels
 from rlhf_kernels import reference
-from rlhf_kernels.ops.fused_linear_logprobs import default_chunk_size
+from rlhf_kernels.ops._linear import default_chunk_size
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 

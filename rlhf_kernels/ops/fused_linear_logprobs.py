@@ -14,25 +14,8 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._backend import resolve_backend
-from .._utils import check_float_tensor, check_label_range, check_labels, check_temperature
-
-
-def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk: the chunk's logits hold about as many elements as the hidden states (N x H), as a
-    power of two, at least 128 rows so that the GEMMs stay efficient, and at most N."""
-    target = max(1, (n_tokens * hidden) // max(vocab, 1))
-    chunk = max(128, 1 << (target - 1).bit_length())
-    return max(1, min(chunk, n_tokens))
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b for a, b in any float dtype, accumulating the product in fp32."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 GEMM with an fp32 output
-    else:
-        acc.addmm_(a.float(), b.float())  # CPU: no mixed-dtype GEMM; chunk-sized upcasts only
+from .._utils import check_label_range, check_labels, check_temperature
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -58,12 +41,9 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, bias, labels, row_max, log_norm, ent = ctx.saved_tensors
         inv_temperature, ignore_index, chunk, backend = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_lp = torch.zeros_like(ent) if grad_lp is None else grad_lp.float().contiguous()
         grad_ent = torch.zeros_like(ent) if grad_ent is None else grad_ent.float().contiguous()
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
         for s in range(0, hidden.shape[0], chunk):
             e = min(s + chunk, hidden.shape[0])
             h = hidden[s:e]
@@ -73,16 +53,12 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 row_max[s:e].unsqueeze(0), log_norm[s:e].unsqueeze(0), ent[s:e].unsqueeze(0),
                 inv_temperature, ignore_index, backend,
             )[0]  # (C, V), dtype of the logits  # fmt: skip
-            if need_h:
-                torch.mm(g, weight, out=grad_h[s:e])
-            if need_w:
-                _addmm_fp32(grad_w, g.t(), h)
-            if need_b:
-                grad_b += g.sum(0, dtype=torch.float32)
+            grads.add_chunk(s, e, g)
+        grad_h, grad_w, grad_b = grads.result()
         return (
             grad_h,  # hidden
-            None if grad_w is None else grad_w.to(weight.dtype),  # weight
-            None if grad_b is None else grad_b.to(bias.dtype),  # bias
+            grad_w,  # weight
+            grad_b,  # bias
             None,  # labels
             None,  # inv_temperature
             None,  # ignore_index
@@ -121,24 +97,10 @@ def fused_linear_logprobs(
 
         lp = rlhf_kernels.fused_linear_logprobs(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
-    check_float_tensor("hidden", hidden)
-    check_float_tensor("weight", weight)
-    if hidden.dim() == 0 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"expected hidden (..., H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight has V = 0 rows")
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError(f"hidden, weight and bias must share one dtype, got {hidden.dtype} and {weight.dtype}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if weight.device != hidden.device or (bias is not None and bias.device != hidden.device):
-        raise ValueError("hidden, weight and bias must be on the same device")
+    check_linear("hidden", hidden, "weight", weight, "bias", bias)
     check_labels(labels, hidden.shape[:-1], hidden.device)
     temperature = check_temperature(temperature)
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size(chunk_size)
     V, H = weight.shape
     name = resolve_backend(backend, hidden.device)
     if check and not torch.compiler.is_compiling():

@@ -20,9 +20,11 @@ from .._utils import (
     check_label_range,
     check_labels,
     check_temperature,
+    interpreter_rounds_bf16,
     row_launch_config,
     rows_3d,
     tl,
+    to_output_dtype,
     triton,
 )
 
@@ -79,7 +81,7 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, labels_ptr, grad_lp_ptr, grad_ent_ptr, max_ptr, lognorm_ptr, ent_ptr, grad_ptr,
     T, V, stride_b, stride_t, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     # grid = (rows, cdiv(V, BLOCK_V)): every program owns one block of one row; no reduction is needed.
     row = tl.program_id(0).to(tl.int64)
@@ -101,7 +103,7 @@ def _logprobs_bwd_kernel(
         logp = (z - m) - log_s
         p = tl.exp(logp)
         gz = tl.where(offs == label, g_lp, 0.0) - p * (g_lp + g_ent * (logp + ent))
-        tl.store(out, (gz * inv_temp).to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.store(out, to_output_dtype(gz * inv_temp, grad_ptr.dtype.element_ty, ROUND_BF16), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, row_max, log_norm, en
         _logprobs_bwd_kernel[grid](
             logits, labels, grad_lp, grad_ent, row_max, log_norm, ent, grad,
             T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index,
-            BLOCK_V=block, num_warps=warps,
+            BLOCK_V=block, ROUND_BF16=interpreter_rounds_bf16(logits.dtype), num_warps=warps,
         )  # fmt: skip
     return grad
 

@@ -1,0 +1,141 @@
+"""Exact per-token KL from the last hidden states and LM heads of the policy and the reference, in token chunks.
+
+``fused_linear_kl(hidden, weight, ref_hidden, ref_weight)`` equals
+``kl_from_logits(hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias)`` but holds at most one chunk of
+each model's logits. Forward: two GEMMs and the KL kernel per chunk, O(N) statistics kept. Backward: the two GEMMs
+again, the KL backward kernel, and two GEMMs for ``grad_hidden`` and ``grad_weight`` (summed in fp32). The
+reference is frozen: ``ref_hidden``, ``ref_weight`` and ``ref_bias`` never get gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from .._backend import resolve_backend
+from .._utils import check_temperature
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
+from .kl import check_direction, check_mask
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    """hidden (N, H), weight (V, H), bias (V,) | None; ref_hidden (N, H2), ref_weight (V, H2), ref_bias | None;
+    mask (N,) bool | None -> fp32 kl (N,)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, inv_temp, reverse, chunk, backend):
+        N = hidden.shape[0]
+        kl, m_p, ln_p, m_q, ln_q = (hidden.new_empty(N, dtype=torch.float32) for _ in range(5))
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V)
+            ref_logits = F.linear(ref_hidden[s:e], ref_weight, ref_bias).unsqueeze(0)  # (1, C, V)
+            out = torch.ops.rlhf_kernels.kl_fwd(
+                logits, ref_logits, None if mask is None else mask[s:e], inv_temp, reverse, backend
+            )
+            for dst, src in zip((kl, m_p, ln_p, m_q, ln_q), out):
+                dst[s:e] = src
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, m_p, ln_p, m_q, ln_q, kl)
+        ctx.args = (inv_temp, reverse, chunk, backend)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, m_p, ln_p, m_q, ln_q, kl = ctx.saved_tensors
+        inv_temp, reverse, chunk, backend = ctx.args
+        grad_kl = grad_kl.float().contiguous()
+        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        for s in range(0, hidden.shape[0], chunk):
+            e = min(s + chunk, hidden.shape[0])
+            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V), recomputed
+            ref_logits = F.linear(ref_hidden[s:e], ref_weight, ref_bias).unsqueeze(0)
+            g = torch.ops.rlhf_kernels.kl_bwd(
+                logits, ref_logits, None if mask is None else mask[s:e], grad_kl[s:e],
+                m_p[s:e], ln_p[s:e], m_q[s:e], ln_q[s:e], kl[s:e], inv_temp, reverse, backend,
+            )[0]  # (C, V), dtype of the logits  # fmt: skip
+            grads.add_chunk(s, e, g)
+        grad_h, grad_w, grad_b = grads.result()
+        return (
+            grad_h,  # hidden
+            grad_w,  # weight
+            grad_b,  # bias
+            None,  # ref_hidden: the reference is frozen
+            None,  # ref_weight
+            None,  # ref_bias
+            None,  # mask
+            None,  # inv_temp
+            None,  # reverse
+            None,  # chunk
+            None,  # backend
+        )
+
+
+def fused_linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    direction: str = "reverse",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Exact per-token KL between policy and reference computed from their last hidden states and LM heads.
+
+    Args:
+        hidden: ``(..., H)`` policy hidden states; ``weight``: ``(V, H)`` policy LM head; ``bias``: ``(V,)`` or
+            None. One float dtype for the three.
+        ref_hidden: ``(..., H_ref)`` reference hidden states, same leading shape; ``ref_weight``: ``(V, H_ref)``;
+            ``ref_bias``: ``(V,)`` or None. One float dtype for these three, which may differ from the policy's
+            (and ``H_ref`` may differ from ``H``). Frozen: never given a gradient.
+        temperature, mask, direction, backend: as in :func:`rlhf_kernels.kl_from_logits`.
+        chunk_size: tokens per chunk; default: each chunk of logits holds about as many elements as ``hidden``.
+
+    Returns fp32 ``(...)``, the same value as :func:`rlhf_kernels.kl_from_logits` on the two models' logits, with
+    gradients for ``hidden``, ``weight`` and ``bias`` (in their dtypes). Peak extra memory is O(chunk_size x V):
+    neither model's full ``(N, V)`` logits are ever materialised. Masked-out tokens still go through the GEMMs
+    (skipping them would need a host sync) but are not read by the KL kernels.
+
+    Example::
+
+        kl = rlhf_kernels.fused_linear_kl(h, policy.lm_head.weight, ref_h, ref.lm_head.weight, mask=response_mask)
+    """
+    check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"weight and ref_weight must have the same vocabulary size, got {weight.shape[0]} and {ref_weight.shape[0]}"
+        )
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"hidden and ref_hidden must have the same leading shape, got {tuple(hidden.shape)} and "
+            f"{tuple(ref_hidden.shape)}"
+        )
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"hidden is on {hidden.device} but ref_hidden is on {ref_hidden.device}")
+    temperature = check_temperature(temperature)
+    reverse = check_direction(direction)
+    check_chunk_size(chunk_size)
+    lead = hidden.shape[:-1]
+    mask = check_mask(mask, lead, hidden.device)
+    name = resolve_backend(backend, hidden.device)
+    if name == "reference":
+        kl = reference.fused_linear_kl(
+            hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, mask, direction
+        )
+        return kl.float()
+    V, H = weight.shape
+    h = hidden.reshape(-1, H)  # (N, H)
+    rh = ref_hidden.detach().reshape(-1, ref_weight.shape[1])  # (N, H_ref)
+    m = None if mask is None else mask.reshape(-1).contiguous()
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
+    detach = lambda t: None if t is None else t.detach()
+    kl = FusedLinearKLFunction.apply(
+        h, weight, bias, rh, detach(ref_weight), detach(ref_bias), m, 1.0 / temperature, reverse, max(chunk, 1), name
+    )
+    return kl.view(lead)

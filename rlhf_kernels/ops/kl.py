@@ -1,0 +1,373 @@
+"""Exact per-token KL between the policy and the reference over the whole vocabulary: kernels, ops, autograd.
+
+For each row, z = logits / temperature, w = ref_logits / temperature, p = softmax(z), q = softmax(w):
+    reverse:  KL(p || q) = sum_v p_v (log p_v - log q_v)       forward:  KL(q || p) = sum_v q_v (log q_v - log p_v)
+Writing a for the weighting distribution's scaled logits and b for the other one (a = z, b = w for reverse), the
+forward reads both rows once, keeping online maxima m_a, m_b, the sums s_a = sum e^(a - m_a), s_b likewise, and
+    t = sum_v e^(a_v - m_a) ((a_v - m_a) - (b_v - m_b)),    KL = t / s_a + (log s_b - log s_a).
+When the maxima move by da = m_a - m_a' and db = m_b - m_b', s_a and t rescale by e^da and t gains (da - db) s_a.
+For identical inputs every term is exactly 0, so the KL is exactly 0. Rounding can make a KL near 0 slightly
+negative; it is clamped to 0. Only O(N) statistics are saved; the backward re-reads both rows:
+    d KL(p || q) / dz_v = p_v (log p_v - log q_v - KL),      d KL(q || p) / dz_v = p_v - q_v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._backend import load_ext, resolve_backend
+from .._utils import (
+    check_float_tensor,
+    check_temperature,
+    interpreter_rounds_bf16,
+    row_launch_config,
+    rows_3d,
+    tl,
+    to_output_dtype,
+    triton,
+)
+
+KL_DIRECTIONS = ("reverse", "forward")
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    a_ptr, b_ptr, mask_ptr, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr,
+    V, T_a, stride_ab, stride_at, T_b, stride_bb, stride_bt, inv_temp,
+    HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # KL(softmax(a) || softmax(b)) of one row; the launcher passes (logits, ref) or (ref, logits).
+    row = tl.program_id(0).to(tl.int64)
+    keep = True
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    if keep:
+        ra = row // T_a
+        rb = row // T_b
+        a_row = a_ptr + ra * stride_ab + (row - ra * T_a) * stride_at  # 64-bit row offsets
+        b_row = b_ptr + rb * stride_bb + (row - rb * T_b) * stride_bt
+        m_a = float("-inf")
+        m_b = float("-inf")
+        s_a = 0.0  # sum exp(a - m_a)
+        s_b = 0.0  # sum exp(b - m_b)
+        t = 0.0  # sum exp(a - m_a) ((a - m_a) - (b - m_b))
+        n_bad = 0  # NaN / +-inf logits seen in either row
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inside = offs < V
+            za = tl.load(a_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            zb = tl.load(b_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            finite = (tl.abs(za) < float("inf")) & (tl.abs(zb) < float("inf"))
+            n_bad += tl.sum(tl.where(inside & (finite == 0), 1, 0), axis=0)
+            ma_new = tl.maximum(m_a, tl.max(za, axis=0))
+            mb_new = tl.maximum(m_b, tl.max(zb, axis=0))
+            # Before the first block s == 0 and m == -inf: shift by 0 there, never 0 * inf.
+            da = tl.where(s_a > 0.0, m_a - ma_new, 0.0)
+            db = tl.where(s_b > 0.0, m_b - mb_new, 0.0)
+            ea_shift = tl.exp(da)
+            da_ = za - ma_new
+            ea = tl.exp(da_)  # 0 past V
+            diff = tl.where(inside, da_ - (zb - mb_new), 0.0)
+            t = ea_shift * (t + (da - db) * s_a) + tl.sum(ea * diff, axis=0)
+            s_a = s_a * ea_shift + tl.sum(ea, axis=0)
+            s_b = s_b * tl.exp(db) + tl.sum(tl.exp(zb - mb_new), axis=0)
+            m_a = ma_new
+            m_b = mb_new
+        log_s_a = tl.log(s_a)
+        log_s_b = tl.log(s_b)
+        kl = t / s_a + (log_s_b - log_s_a)
+        kl = tl.where(kl < 0.0, 0.0, kl)  # rounding only; NaN stays NaN
+        kl = tl.where(n_bad > 0, float("nan"), kl)
+        tl.store(kl_ptr + row, kl)
+        tl.store(max_a_ptr + row, m_a)
+        tl.store(lognorm_a_ptr + row, log_s_a)
+        tl.store(max_b_ptr + row, m_b)
+        tl.store(lognorm_b_ptr + row, log_s_b)
+    else:
+        tl.store(kl_ptr + row, 0.0)
+        tl.store(max_a_ptr + row, 0.0)
+        tl.store(lognorm_a_ptr + row, 0.0)
+        tl.store(max_b_ptr + row, 0.0)
+        tl.store(lognorm_b_ptr + row, 0.0)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    x_ptr, y_ptr, mask_ptr, grad_kl_ptr, max_x_ptr, lognorm_x_ptr, max_y_ptr, lognorm_y_ptr, kl_ptr, grad_ptr,
+    V, T_x, stride_xb, stride_xt, T_y, stride_yb, stride_yt, inv_temp,
+    HAS_MASK: tl.constexpr, REVERSE: tl.constexpr, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    # grid = (rows, cdiv(V, BLOCK_V)); x = logits (gets the gradient), y = ref_logits.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = offs < V
+    out = grad_ptr + row * V + offs
+    keep = True
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    if keep:
+        rx = row // T_x
+        ry = row // T_y
+        x_row = x_ptr + rx * stride_xb + (row - rx * T_x) * stride_xt
+        y_row = y_ptr + ry * stride_yb + (row - ry * T_y) * stride_yt
+        g = tl.load(grad_kl_ptr + row)
+        z = tl.load(x_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
+        w = tl.load(y_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
+        lp = (z - tl.load(max_x_ptr + row)) - tl.load(lognorm_x_ptr + row)
+        lq = (w - tl.load(max_y_ptr + row)) - tl.load(lognorm_y_ptr + row)
+        p = tl.exp(lp)
+        if REVERSE:  # noqa: SIM108 (a constexpr branch)
+            gz = g * p * ((lp - lq) - tl.load(kl_ptr + row))
+        else:
+            gz = g * (p - tl.exp(lq))
+        tl.store(out, to_output_dtype(gz * inv_temp, grad_ptr.dtype.element_ty, ROUND_BF16), mask=inside)
+    else:
+        tl.store(out, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Launchers: logits (B, T, V), ref_logits (B2, T2, V) with B * T == B2 * T2 = N, unit stride along V;
+#    mask None or (N,) bool contiguous. Outputs are fp32 (N,).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_launch_args(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None) -> None:
+    for name, x in (("logits", logits), ("ref_logits", ref_logits)):
+        if x.dim() != 3 or (x.stride(2) != 1 and x.shape[2] > 1):
+            raise ValueError(
+                f"{name} must be a (B, T, V) tensor whose last dimension is contiguous, got shape "
+                f"{tuple(x.shape)} strides {x.stride()}; call rlhf_kernels.kl_from_logits, which copies if needed"
+            )
+    n = logits.shape[0] * logits.shape[1]
+    if ref_logits.shape[2] != logits.shape[2] or ref_logits.shape[0] * ref_logits.shape[1] != n:
+        raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in rows or V")
+    if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool or not mask.is_contiguous()):
+        raise ValueError(f"mask must be a contiguous bool tensor of shape ({n},)")
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.shape[1], x.stride(0), x.stride(1)
+
+
+def _block_config(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[int, int]:
+    return row_launch_config(logits.shape[2], max(logits.element_size(), ref_logits.element_size()))
+
+
+def kl_fwd_triton(logits, ref_logits, mask, inv_temperature: float, reverse: bool):
+    _check_launch_args(logits, ref_logits, mask)
+    n = logits.shape[0] * logits.shape[1]
+    kl, m_p, ln_p, m_q, ln_q = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(5))
+    if n > 0:
+        a, b = (logits, ref_logits) if reverse else (ref_logits, logits)
+        stats = (m_p, ln_p, m_q, ln_q) if reverse else (m_q, ln_q, m_p, ln_p)
+        block, warps = _block_config(logits, ref_logits)
+        _kl_fwd_kernel[(n,)](
+            a, b, mask if mask is not None else kl, kl, *stats,
+            logits.shape[2], *_strides(a), *_strides(b), inv_temperature,
+            HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return kl, m_p, ln_p, m_q, ln_q
+
+
+def kl_bwd_triton(logits, ref_logits, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl, inv_temperature, reverse):
+    _check_launch_args(logits, ref_logits, mask)
+    B, T, V = logits.shape
+    grad = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    if B * T > 0:
+        block, warps = _block_config(logits, ref_logits)
+        _kl_bwd_kernel[(B * T, triton.cdiv(V, block))](
+            logits, ref_logits, mask if mask is not None else kl, grad_kl, m_p, ln_p, m_q, ln_q, kl, grad,
+            V, *_strides(logits), *_strides(ref_logits), inv_temperature,
+            HAS_MASK=mask is not None, REVERSE=bool(reverse), BLOCK_V=block,
+            ROUND_BF16=interpreter_rounds_bf16(logits.dtype), num_warps=warps,
+        )  # fmt: skip
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. torch.library ops (opaque to torch.compile, with fake implementations for shapes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rlhf_kernels::kl_fwd", mutates_args=())
+def kl_fwd(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    inv_temperature: float,
+    reverse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, V), (B2, T2, V) -> fp32 (N,) each: (kl, row_max, log_norm, ref_row_max, ref_log_norm).
+    ``backend``: triton | cuda | cpu."""
+    if backend == "triton":
+        return kl_fwd_triton(logits, ref_logits, mask, inv_temperature, reverse)
+    _check_launch_args(logits, ref_logits, mask)
+    return tuple(torch.ops.rlhf_kernels_C.kl_fwd(logits, ref_logits, mask, inv_temperature, reverse))
+
+
+def _fwd_fake(logits, ref_logits, mask, inv_temperature, reverse, backend=None):
+    n = logits.shape[0] * logits.shape[1]
+    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(5))
+
+
+kl_fwd.register_fake(_fwd_fake)
+
+
+@torch.library.custom_op("rlhf_kernels::kl_bwd", mutates_args=())
+def kl_bwd(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    grad_kl: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
+    ref_row_max: torch.Tensor,
+    ref_log_norm: torch.Tensor,
+    kl: torch.Tensor,
+    inv_temperature: float,
+    reverse: bool,
+    backend: str,
+) -> torch.Tensor:
+    """Gradient of the KL with respect to logits: (B, T, V) contiguous, in the logits dtype."""
+    args = (logits, ref_logits, mask, grad_kl, row_max, log_norm, ref_row_max, ref_log_norm, kl, inv_temperature)
+    if backend == "triton":
+        return kl_bwd_triton(*args, reverse)
+    _check_launch_args(logits, ref_logits, mask)
+    return torch.ops.rlhf_kernels_C.kl_bwd(*args, reverse)
+
+
+def _bwd_fake(logits, ref_logits, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl, inv_temperature, reverse, backend=None):
+    return logits.new_empty(logits.shape)
+
+
+kl_bwd.register_fake(_bwd_fake)
+if load_ext()[0] and hasattr(torch.ops.rlhf_kernels_C, "kl_fwd"):  # shapes for the compiled ops too
+    torch.library.register_fake("rlhf_kernels_C::kl_fwd")(_fwd_fake)
+    torch.library.register_fake("rlhf_kernels_C::kl_bwd")(_bwd_fake)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Autograd
+# ---------------------------------------------------------------------------------------------------------
+
+
+class KLFunction(torch.autograd.Function):
+    """logits (B, T, V), ref_logits (B2, T2, V), mask (N,) bool | None -> fp32 kl (N,), differentiable in logits."""
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, mask, inv_temperature, reverse, backend):
+        kl, *stats = torch.ops.rlhf_kernels.kl_fwd(logits, ref_logits, mask, inv_temperature, reverse, backend)
+        ctx.save_for_backward(logits, ref_logits, mask, *stats, kl)  # the inputs are the caller's; the rest O(N)
+        ctx.args = (inv_temperature, reverse, backend)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        logits, ref_logits, mask, m_p, ln_p, m_q, ln_q, kl = ctx.saved_tensors
+        grad = torch.ops.rlhf_kernels.kl_bwd(
+            logits, ref_logits, mask, grad_kl.float().contiguous(), m_p, ln_p, m_q, ln_q, kl, *ctx.args
+        )
+        return (
+            grad,  # logits
+            None,  # ref_logits: the reference is frozen
+            None,  # mask
+            None,  # inv_temperature
+            None,  # reverse
+            None,  # backend
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_direction(direction: str) -> bool:
+    """``True`` for reverse KL(pi || pi_ref), ``False`` for forward KL(pi_ref || pi)."""
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"unknown KL direction {direction!r}; valid directions are {', '.join(KL_DIRECTIONS)}")
+    return direction == "reverse"
+
+
+def check_mask(mask: object, lead_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """``mask`` as a bool tensor of shape ``lead_shape`` (bool, or integer / float 0-1 values), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the token shape {tuple(lead_shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def kl_from_logits(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    direction: str = "reverse",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Exact per-token KL between the policy and the reference over the whole vocabulary, fused.
+
+    Args:
+        logits: ``(..., V)`` policy logits, float32, bfloat16 or float16. Only the last dimension needs unit
+            stride; other strides (e.g. ``logits[:, :-1]``) are read in place.
+        ref_logits: ``(..., V)`` reference logits, same shape, any of the three float dtypes (may differ from
+            ``logits``). Frozen: it never gets a gradient.
+        temperature: both logits are divided by it (> 0).
+        mask: optional ``(...)`` bool (or 0/1) tensor; rows where it is False are not read and give 0.0.
+        direction: ``"reverse"``: KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)), the PPO penalty;
+            ``"forward"``: KL(pi_ref || pi).
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``; default as for :func:`rlhf_kernels.logprobs`.
+
+    Returns:
+        fp32 tensor of shape ``(...)``, differentiable with respect to ``logits`` (gradient in its dtype). Values
+        that rounding makes slightly negative (|KL| ~ 1e-7 for nearly equal rows) are clamped to 0.0, so the
+        result is never negative; identical inputs give exactly 0.0. A row holding a NaN or +-inf logit in
+        either input gives NaN (mask vocabulary entries with a large finite negative number instead of -inf).
+
+    One pass over both rows (online maxima and sums in fp32, see the module docstring) with O(N) statistics saved;
+    the backward re-reads both rows. No fp32 ``(N, V)`` tensor is allocated. For one backend and device, a row's
+    result is bitwise identical whatever else is in the batch.
+
+    Example::
+
+        kl = rlhf_kernels.kl_from_logits(logits[:, :-1], ref_logits[:, :-1], mask=response_mask)
+    """
+    check_float_tensor("logits", logits)
+    check_float_tensor("ref_logits", ref_logits)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    if ref_logits.dim() == 0 or ref_logits.shape[-1] != logits.shape[-1]:
+        raise ValueError(
+            f"logits and ref_logits must have the same vocabulary size, got {tuple(logits.shape)} and "
+            f"{tuple(ref_logits.shape)}"
+        )
+    if ref_logits.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"logits and ref_logits must have the same leading shape, got {tuple(logits.shape)} and "
+            f"{tuple(ref_logits.shape)}"
+        )
+    if ref_logits.device != logits.device:
+        raise ValueError(f"logits are on {logits.device} but ref_logits are on {ref_logits.device}")
+    temperature = check_temperature(temperature)
+    reverse = check_direction(direction)
+    lead = logits.shape[:-1]
+    mask = check_mask(mask, lead, logits.device)
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        return reference.kl_from_logits(logits, ref_logits, temperature, mask, direction).float()
+    x, y = rows_3d(logits), rows_3d(ref_logits.detach())  # (B, T, V) views, no copy for the usual layouts
+    m = None if mask is None else mask.reshape(-1).contiguous()
+    kl = KLFunction.apply(x, y, m, 1.0 / temperature, reverse, name)
+    return kl.view(lead)
