@@ -11,3 +11,4 @@ pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -i warning | t
 python3 -c 'import rlhf_kernels; print(rlhf_kernels.backend_status())' | tee -a "$out/gpu_env.log"
 python3 -m pytest -q tests 2>&1 | tee "$out/gpu_tests.log" | tail -30
 python3 -m benchmarks.bench_logprobs --out "$out/gpu_logprobs.md" 2>&1 | tail -60
+python3 -m benchmarks.bench_kl --out "$out/gpu_kl.md" 2>&1 | tail -60

@@ -6,7 +6,7 @@ to KL(pi || pi_ref) (see http://joschu.net/blog/kl-approx.html):
     abs = |delta|                      biased upward, never negative
     k2 = delta^2 / 2                   biased, low variance (its gradient is the k1 score-function gradient)
     k3 = exp(-delta) + delta - 1       unbiased, never negative, low variance
-:func:`kl_penalty_from_delta` is the single definition of these formulas; the fused PPO loss calls it too.
+:func:`kl_penalty_from_delta` is the single definition of these formulas: every loss that needs one calls it.
 """
 
 from __future__ import annotations
