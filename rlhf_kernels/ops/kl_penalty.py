@@ -4,7 +4,7 @@ With delta = log pi(y) - log pi_ref(y) for a token y sampled from pi, each estim
 to KL(pi || pi_ref) (see http://joschu.net/blog/kl-approx.html):
     k1 = delta                         unbiased, high variance, negative for many tokens
     abs = |delta|                      biased upward, never negative
-    k2 = delta^2 / 2                   biased, low variance (its gradient is the k1 score-function gradient)
+    k2 = delta^2 / 2                   biased, low variance
     k3 = exp(-delta) + delta - 1       unbiased, never negative, low variance
 :func:`kl_penalty_from_delta` is the single definition of these formulas: every loss that needs one calls it.
 """
