@@ -108,3 +108,30 @@ def fused_linear_kl(
     ref_b = None if ref_bias is None else _upcast(ref_bias).detach()
     ref_logits = linear(_upcast(ref_hidden).detach(), _upcast(ref_weight).detach(), ref_b)
     return kl_from_logits(logits, ref_logits, temperature, mask, direction)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation with masked positions skipped: the per-time-step loop, (B, T) -> (B, T).
+
+    Going from t = T-1 down to 0 with next_value = acc = 0: where mask[t], delta = r_t + gamma next_value - V_t,
+    acc = delta + gamma lam acc and next_value = V_t; elsewhere both carry through. advantages[t] = acc after step
+    t; returns = advantages + values. fp32 (fp64 for fp64 inputs).
+    """
+    dtype = torch.promote_types(_upcast(rewards).dtype, _upcast(values).dtype)
+    r, v, m = rewards.to(dtype), values.to(dtype), mask.bool()
+    B, T = r.shape
+    adv = torch.zeros(B, T, dtype=dtype, device=r.device)
+    acc = torch.zeros(B, dtype=dtype, device=r.device)
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        acc = torch.where(m[:, t], delta + gamma * lam * acc, acc)
+        next_value = torch.where(m[:, t], v[:, t], next_value)
+        adv[:, t] = acc
+    return adv, adv + v
