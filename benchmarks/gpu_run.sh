@@ -12,3 +12,4 @@ python3 -c 'import rlhf_kernels; print(rlhf_kernels.backend_status())' | tee -a 
 python3 -m pytest -q tests 2>&1 | tee "$out/gpu_tests.log" | tail -30
 python3 -m benchmarks.bench_logprobs --out "$out/gpu_logprobs.md" 2>&1 | tail -60
 python3 -m benchmarks.bench_kl --out "$out/gpu_kl.md" 2>&1 | tail -60
+python3 -m benchmarks.bench_gae --out "$out/gpu_gae.md" 2>&1 | tail -30

@@ -25,4 +25,27 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
   m.def(
       "logprobs_bwd(Tensor logits, Tensor labels, Tensor grad_logprobs, Tensor grad_entropy,"
       " Tensor row_max, Tensor log_norm, Tensor entropy, float inv_temperature, int ignore_index) -> Tensor");
+
+  // Exact per-token KL between p = softmax(logits * inv_temperature) and q = softmax(ref_logits * inv_temperature).
+  // logits: (B, T, V), ref_logits: (B2, T2, V) with B2 * T2 == B * T = N (the two may be split differently and
+  // have different float dtypes); stride(2) == 1 for both, any other strides. mask: None or (N,) bool contiguous;
+  // masked-out rows are never read and give kl = row_max = log_norm = ref_row_max = ref_log_norm = 0.
+  // reverse = true: KL(p || q) = sum_v p_v (log p_v - log q_v); false: KL(q || p).
+  // Returns fp32 (N,) contiguous: kl (clamped to >= 0; NaN if either row holds a NaN or +-inf logit),
+  // row_max, log_norm (of z = logits * inv_temperature), ref_row_max, ref_log_norm (of ref_logits).
+  m.def(
+      "kl_fwd(Tensor logits, Tensor ref_logits, Tensor? mask, float inv_temperature, bool reverse)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradient of kl with respect to logits: (B, T, V) contiguous, logits dtype; zero on masked-out rows.
+  // grad_kl and the four statistics and kl (as returned by kl_fwd) are fp32 (N,) contiguous.
+  m.def(
+      "kl_bwd(Tensor logits, Tensor ref_logits, Tensor? mask, Tensor grad_kl, Tensor row_max, Tensor log_norm,"
+      " Tensor ref_row_max, Tensor ref_log_norm, Tensor kl, float inv_temperature, bool reverse) -> Tensor");
+
+  // Masked GAE. rewards, values: (B, T) contiguous, one float dtype (float32 / bfloat16 / float16); mask: (B, T)
+  // bool contiguous. Backwards over t with next_value = acc = 0: where mask, acc = r + gamma next_value - V +
+  // gamma lam acc and next_value = V; elsewhere both carry. Returns fp32 advantages (B, T) (acc after step t),
+  // returns (B, T) = advantages + values, and row_stats (B, 3): count, mean and M2 (sum of squared deviations
+  // from the mean) of the advantages at masked positions of each row (zeros for a row without one).
+  m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor, Tensor)");
 }

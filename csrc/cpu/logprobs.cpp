@@ -19,7 +19,7 @@
 //     lanes, prefetching the next block meanwhile;
 //   * the backward reads the row once and writes the gradient once;
 //   * the inner loops are plain C++ over kLanes-wide arrays that the compiler vectorises; each kernel is
-//     instantiated per ISA (AVX-512 / AVX2+FMA / generic) and chosen at run time (see vec_math.h).
+//     instantiated per ISA (AVX-512 / AVX2+FMA / generic) and chosen at run time (row_kernel.h, vec_math.h).
 //
 // Non-finite rows: a NaN or +-inf logit makes t NaN (NaN propagates; -inf gives exp(..) = 0 times -inf; +inf
 // gives inf - inf), and the row's logprob and entropy are then NaN. Ignored rows (label == ignore_index)
@@ -47,28 +47,16 @@
 #pragma GCC optimize("fp-contract=off", "no-trapping-math")
 #endif
 
+#include "row_kernel.h"
 #include "vec_math.h"
 
 namespace rlhf_cpu {
 namespace {
 
-constexpr int kLanes = 32;        // independent accumulators per row (2 zmm / 4 ymm registers)
 constexpr int64_t kBlock = 2048;  // elements per online-max block; a multiple of kLanes
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 static_assert(kBlock % kLanes == 0, "kBlock must be a multiple of kLanes");
-
-// Fixed-order pairwise reductions of kLanes values (order independent of everything but kLanes).
-RLHF_INLINE float lanes_sum(float* v) {
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) v[j] += v[j + w];
-  return v[0];
-}
-RLHF_INLINE float lanes_max(float* v) {
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) v[j] = v[j + w] > v[j] ? v[j + w] : v[j];
-  return v[0];
-}
 
 struct RowStats {
   float m;  // max of z (NaNs are skipped by the max; they poison s and t instead)
@@ -225,49 +213,21 @@ RLHF_INLINE void bwd_rows(const BwdArgs<T>& a, int64_t r0, int64_t r1) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// ISA variants. The bodies above are always-inline, so each wrapper gets its own vectorised copy.
-#if RLHF_X86_MULTIVERSION
+// Kernel types for run_rows (row_kernel.h), which instantiates fwd_rows / bwd_rows once per ISA.
 template <typename T>
-RLHF_TARGET_AVX512 void fwd_rows_avx512(const FwdArgs<T>& a, int64_t r0, int64_t r1) { fwd_rows<T, true>(a, r0, r1); }
-template <typename T>
-RLHF_TARGET_AVX2 void fwd_rows_avx2(const FwdArgs<T>& a, int64_t r0, int64_t r1) { fwd_rows<T, true>(a, r0, r1); }
-template <typename T>
-RLHF_TARGET_AVX512 void bwd_rows_avx512(const BwdArgs<T>& a, int64_t r0, int64_t r1) { bwd_rows<T, true>(a, r0, r1); }
-template <typename T>
-RLHF_TARGET_AVX2 void bwd_rows_avx2(const BwdArgs<T>& a, int64_t r0, int64_t r1) { bwd_rows<T, true>(a, r0, r1); }
-#endif
-template <typename T>
-void fwd_rows_generic(const FwdArgs<T>& a, int64_t r0, int64_t r1) { fwd_rows<T, false>(a, r0, r1); }
-template <typename T>
-void bwd_rows_generic(const BwdArgs<T>& a, int64_t r0, int64_t r1) { bwd_rows<T, false>(a, r0, r1); }
-
-template <typename T>
-void fwd_dispatch(const FwdArgs<T>& a, int64_t r0, int64_t r1) {
-#if RLHF_X86_MULTIVERSION
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return fwd_rows_avx512<T>(a, r0, r1);
-    case CpuIsa::kAvx2: return fwd_rows_avx2<T>(a, r0, r1);
-    default: break;
+struct FwdKernel {
+  template <bool kFma>
+  static RLHF_INLINE void rows(const FwdArgs<T>& a, int64_t r0, int64_t r1) {
+    fwd_rows<T, kFma>(a, r0, r1);
   }
-#endif
-  fwd_rows_generic<T>(a, r0, r1);
-}
-
+};
 template <typename T>
-void bwd_dispatch(const BwdArgs<T>& a, int64_t r0, int64_t r1) {
-#if RLHF_X86_MULTIVERSION
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return bwd_rows_avx512<T>(a, r0, r1);
-    case CpuIsa::kAvx2: return bwd_rows_avx2<T>(a, r0, r1);
-    default: break;
+struct BwdKernel {
+  template <bool kFma>
+  static RLHF_INLINE void rows(const BwdArgs<T>& a, int64_t r0, int64_t r1) {
+    bwd_rows<T, kFma>(a, r0, r1);
   }
-#endif
-  bwd_rows_generic<T>(a, r0, r1);
-}
-
-// Rows per parallel task: at least ~32k elements of work per task.
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // Input checks (shared by forward and backward).
@@ -313,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(cons
                         labels.data_ptr<int64_t>(),     static_cast<float>(inv_temperature), ignore_index,
                         logprobs.data_ptr<float>(),     entropy.data_ptr<float>(), row_max.data_ptr<float>(),
                         log_norm.data_ptr<float>()};
-    at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) { fwd_dispatch<scalar_t>(a, r0, r1); });
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) { run_rows<FwdKernel<scalar_t>>(a, r0, r1); });
   });
   return {logprobs, entropy, row_max, log_norm};
 }
@@ -341,7 +301,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels_i
                         labels.data_ptr<int64_t>(),  g_lp.data_ptr<float>(), g_h.data_ptr<float>(),
                         row_max.data_ptr<float>(),   log_norm.data_ptr<float>(), ent.data_ptr<float>(),
                         static_cast<float>(inv_temperature), ignore_index, grad.data_ptr<scalar_t>()};
-    at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) { bwd_dispatch<scalar_t>(a, r0, r1); });
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) { run_rows<BwdKernel<scalar_t>>(a, r0, r1); });
   });
   return grad;
 }

@@ -10,6 +10,12 @@
 //   unpack16 / pack16     16-byte vector <-> VEC raw elements (little-endian lane order: element 0 first).
 //   ld_stream16 / st_stream16 / ld_cached
 //                         global loads and stores with cache hints.
+//   load16<T, kAligned>   VEC elements at p as one 16-byte vector: a streaming load when p is 16-byte aligned,
+//                         else VEC scalar loads (identical values either way).
+//   neg_inf_f / inf_f / nan_f
+//                         float constants from their bit patterns.
+//   RowLaunch / pow2_row_launch / capped_grid
+//                         the shared launch rule of row-wise kernels and grid sizing for grid-stride loops.
 #ifndef RLHF_CUDA_COMMON_CUH_
 #define RLHF_CUDA_COMMON_CUH_
 
@@ -107,6 +113,48 @@ __device__ __forceinline__ void st_stream16(void* p, const uint4& v) { __stcs(re
 // Scalar read-only load through the L1 / texture path (neighbouring scalar loads reuse the cached line).
 __device__ __forceinline__ uint16_t ld_cached(const uint16_t* p) { return __ldg(reinterpret_cast<const unsigned short*>(p)); }
 __device__ __forceinline__ uint32_t ld_cached(const uint32_t* p) { return __ldg(reinterpret_cast<const unsigned int*>(p)); }
+
+// VEC = ElemTraits<T>::kVec consecutive elements starting at p, as one 16-byte vector in unpack16 order: one
+// streaming load when kAligned (p must then be 16-byte aligned), else VEC scalar loads of the same elements.
+template <typename T, bool kAligned>
+__device__ __forceinline__ uint4 load16(const typename ElemTraits<T>::raw_t* p) {
+  using raw_t = typename ElemTraits<T>::raw_t;
+  constexpr int VEC = ElemTraits<T>::kVec;
+  if constexpr (kAligned) {
+    return ld_stream16(p);
+  } else {
+    raw_t raw[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) raw[i] = ld_cached(p + i);
+    return pack16(raw);
+  }
+}
+
+__device__ __forceinline__ bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+__device__ __forceinline__ float neg_inf_f() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
+
+// Launch settings of a row-wise kernel: rows are processed by groups of threads_per_row threads (a power of two,
+// at least a warp), rows_per_block groups per block.
+struct RowLaunch {
+  int threads_per_row;
+  int rows_per_block;
+};
+
+// The shared launch rule: threads_per_row = smallest power of two in [32, max_tpr] with
+// threads_per_row * slots_per_thread >= n_slots; small rows are packed until a block has min_block threads.
+inline RowLaunch pow2_row_launch(int64_t n_slots, int max_tpr, int slots_per_thread, int min_block) {
+  int tpr = 32;
+  while (tpr < max_tpr && int64_t(tpr) * slots_per_thread < n_slots) tpr *= 2;
+  return {tpr, tpr >= min_block ? 1 : min_block / tpr};
+}
+
+// Grid size for n_blocks blocks of work, capped at the largest grid x dimension (a grid-stride loop covers the rest).
+inline unsigned capped_grid(int64_t n_blocks) {
+  return static_cast<unsigned>(n_blocks < 0x7fffffff ? n_blocks : 0x7fffffff);
+}
 
 }  // namespace rlhf_cuda
 

@@ -11,29 +11,12 @@
 
 #include <tuple>
 
+#include "cuda/dispatch.h"
 #include "cuda/logprobs.cuh"
 
 namespace {
 
-// at:: element type -> CUDA element type used by the kernels (same size and bit layout).
-template <typename S>
-struct CudaElem {
-  using type = S;
-};
-template <>
-struct CudaElem<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct CudaElem<at::Half> {
-  using type = __half;
-};
-
-// Dispatch over the three supported logits dtypes; inside, scalar_t is the at:: type.
-#define RLHF_DISPATCH_LOGITS(TYPE, NAME, ...)                       \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+using rlhf_cuda::CudaElem;
 
 // Checks shared by forward and backward: logits (B, T, V) on CUDA, supported dtype, unit stride along V;
 // labels (B, T) int64 contiguous on the same device.
@@ -82,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   at::Tensor log_norm = at::empty({B, T}, opts);
   if (B * T == 0) return {logprobs, entropy, row_max, log_norm};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  RLHF_DISPATCH_LOGITS(logits.scalar_type(), "logprobs_fwd_cuda", [&] {
+  RLHF_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     using elem_t = typename CudaElem<scalar_t>::type;
     C10_CUDA_CHECK(rlhf_cuda::launch_logprobs_fwd<elem_t>(
         reinterpret_cast<const elem_t*>(logits.const_data_ptr<scalar_t>()), labels.const_data_ptr<int64_t>(),
@@ -108,7 +91,7 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
   at::Tensor grad_logits = at::empty({B, T, V}, logits.options());  // contiguous, logits dtype
   if (B * T == 0) return grad_logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  RLHF_DISPATCH_LOGITS(logits.scalar_type(), "logprobs_bwd_cuda", [&] {
+  RLHF_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "logprobs_bwd_cuda", [&] {
     using elem_t = typename CudaElem<scalar_t>::type;
     C10_CUDA_CHECK(rlhf_cuda::launch_logprobs_bwd<elem_t>(
         reinterpret_cast<const elem_t*>(logits.const_data_ptr<scalar_t>()), labels.const_data_ptr<int64_t>(),

@@ -50,17 +50,10 @@ inline constexpr int kLogprobsUnroll = 4;                  // 16-byte loads in f
 inline constexpr int kLogprobsMinBlocksPerSm = 2;
 inline constexpr int64_t kLogprobsMaxVocab = int64_t(1) << 30;  // in-row indices are int32
 
-struct RowLaunch {
-  int threads_per_row;
-  int rows_per_block;
-};
-
 // The launch rule. Depends on V and the vector width only, which fixes the forward reduction order per (V, dtype).
 inline RowLaunch logprobs_row_launch(int64_t n_v, int vec) {
-  const int64_t n_slots = (n_v + vec - 1) / vec;
-  int tpr = 32;
-  while (tpr < kLogprobsMaxThreadsPerRow && int64_t(tpr) * kLogprobsSlotsPerThread < n_slots) tpr *= 2;
-  return {tpr, tpr >= kLogprobsMinBlock ? 1 : kLogprobsMinBlock / tpr};
+  return pow2_row_launch((n_v + vec - 1) / vec, kLogprobsMaxThreadsPerRow, kLogprobsSlotsPerThread,
+                         kLogprobsMinBlock);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -73,8 +66,6 @@ struct SoftmaxState {
   float m, s, t;
 };
 
-__device__ __forceinline__ float neg_inf_f() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ SoftmaxState state_empty() { return {neg_inf_f(), 0.f, 0.f}; }
 __device__ __forceinline__ bool state_is_empty(const SoftmaxState& a) { return a.s == 0.f && a.t == 0.f; }
 
@@ -139,16 +130,7 @@ __device__ __forceinline__ SoftmaxState warp_reduce_state(SoftmaxState st) {
 // when the row start is 16-byte aligned (then every full slot is), else VEC scalar loads of the same elements.
 template <typename T, bool kAligned>
 __device__ __forceinline__ uint4 load_slot(const typename ElemTraits<T>::raw_t* x, int j) {
-  using raw_t = typename ElemTraits<T>::raw_t;
-  constexpr int VEC = ElemTraits<T>::kVec;
-  if constexpr (kAligned) {
-    return ld_stream16(x + j * VEC);
-  } else {
-    raw_t raw[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) raw[i] = ld_cached(x + j * VEC + i);
-    return pack16(raw);
-  }
+  return load16<T, kAligned>(x + j * ElemTraits<T>::kVec);
 }
 
 // z[i] = float(element i of slot v) * inv_t, the scaled logits of one full slot.
@@ -375,8 +357,7 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
 // Launchers. n_b * n_t == 0 launches nothing; V must be in [1, 2^30].
 // ---------------------------------------------------------------------------------------------------------------
 inline unsigned logprobs_grid(int64_t n_rows, int rows_per_block) {
-  const int64_t n_blocks = (n_rows + rows_per_block - 1) / rows_per_block;
-  return static_cast<unsigned>(n_blocks < 0x7fffffff ? n_blocks : 0x7fffffff);  // grid-stride covers the rest
+  return capped_grid((n_rows + rows_per_block - 1) / rows_per_block);  // grid-stride covers the rest
 }
 
 template <typename T>
