@@ -1,4 +1,5 @@
-"""The CPU backend's generic and AVX2 code paths (selected at run time) pass the same tests as the default one."""
+"""The CPU backend's generic and AVX2 code paths (selected at run time) pass the same tests as the default one
+(log-probs and KL)."""
 
 import os
 import subprocess
@@ -12,9 +13,11 @@ from conftest import DEVICE, KERNEL_BACKENDS
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_cpu_isa_variant(isa):
     env = dict(os.environ, RLHF_KERNELS_CPU_ISA=isa)
-    selection = "cpu and (matches_reference or batch_invariance or non_finite or ignored or hand_computed)"
+    kinds = "matches_reference or batch_invariance or non_finite or ignored or hand_computed or identical or peaked"
+    selection = f"cpu and ({kinds})"
     here = os.path.dirname(__file__)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_logprobs.py")]
+    files = [os.path.join(here, f) for f in ("test_logprobs.py", "test_kl.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     proc = subprocess.run([*cmd, "-k", selection], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
