@@ -6,7 +6,7 @@
 
 Columns: median time; GB/s of logits traffic (the forward reads both logits once; forward + backward reads them
 twice and writes the gradient); that rate as a fraction of the device copy bandwidth measured in the same run;
-peak memory above the inputs (CUDA: allocator peak; CPU: peak resident set growth, Linux).
+peak memory above the inputs (CUDA: allocator peak; CPU: peak of live tensor allocations, profiler).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import torch
 
 import rlhf_kernels
-from benchmarks.common import copy_bandwidth_gbs, environment, gpu_peak_extra_bytes, median_ms, peak_rss_extra_bytes
+from benchmarks.common import copy_bandwidth_gbs, environment, median_ms, peak_extra_bytes
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -66,7 +66,7 @@ def measure(name, n, v, dtype, device, mode, memory=True):
     fn = step_fn(providers(device)[name], x, y, mode)
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
         ms = median_ms(fn, device)
-        mem = None if not memory else gpu_peak_extra_bytes(fn) if device.type == "cuda" else peak_rss_extra_bytes(fn)
+        mem = None if not memory else peak_extra_bytes(fn, device)
     traffic = n * v * x.element_size() * (2 if mode == "fwd" else 5)
     return {"ms": ms, "gbs": traffic / ms / 1e6, "mem": mem}
 
@@ -128,7 +128,7 @@ def run(device: torch.device, cases, modes, memory: bool, fused_cases) -> str:
         base_mem = None
         for name, fn in fused_linear_paths(n, h, v, dtype, device).items():
             ms = median_ms(fn, device, warmup=1, reps=3)
-            mem = None if not memory else (gpu_peak_extra_bytes if device.type == "cuda" else peak_rss_extra_bytes)(fn)
+            mem = None if not memory else peak_extra_bytes(fn, device)
             base_mem = base_mem or mem
             frac = "-" if mem is None or not base_mem else f"{mem / base_mem:.1%}"
             lines.append(f"| {name} | {ms:.1f} | {_fmt_mem(mem)} | {frac} |")

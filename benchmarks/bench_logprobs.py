@@ -6,7 +6,7 @@
 
 Columns: median time; GB/s of logits traffic (forward reads the logits once; forward+backward reads them twice
 and writes the gradient); that rate as a fraction of the device copy bandwidth measured in the same run; peak
-memory above the inputs (CUDA: allocator peak; CPU: peak resident set growth, Linux).
+memory above the inputs (CUDA: allocator peak; CPU: peak of live tensor allocations, from the profiler).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import rlhf_kernels
 from benchmarks.common import (
     copy_bandwidth_gbs,
     environment,
-    gpu_peak_extra_bytes,
     median_ms,
-    peak_rss_extra_bytes,
+    peak_extra_bytes,
 )
 
 MODES = ("logprobs", "logprobs+entropy", "fwd+bwd")
@@ -91,7 +90,7 @@ def measure(name, n, v, dtype, device, mode, memory=True):
     fn = step_fn(provider, x, y, mode)
     with torch.no_grad() if mode != "fwd+bwd" else torch.enable_grad():
         ms = median_ms(fn, device)
-        mem = None if not memory else gpu_peak_extra_bytes(fn) if device.type == "cuda" else peak_rss_extra_bytes(fn)
+        mem = None if not memory else peak_extra_bytes(fn, device)
     traffic = n * v * x.element_size() * (3 if mode == "fwd+bwd" else 1)
     return {"ms": ms, "gbs": traffic / ms / 1e6, "mem": mem}
 
@@ -119,7 +118,7 @@ def fused_linear_case(n, h, v, dtype, device, memory=True):
     rows = {}
     for name, fn in fused_linear_paths(n, h, v, dtype, device).items():
         ms = median_ms(fn, device, warmup=1, reps=3)
-        mem = None if not memory else gpu_peak_extra_bytes(fn) if device.type == "cuda" else peak_rss_extra_bytes(fn)
+        mem = None if not memory else peak_extra_bytes(fn, device)
         rows[name] = {"ms": ms, "mem": mem}
     return rows
 

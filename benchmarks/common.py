@@ -50,27 +50,22 @@ def gpu_peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def cpu_peak_extra_bytes(fn) -> int:
+    """CPU: peak of the bytes held by tensors allocated while ``fn()`` runs (the CPU analogue of the CUDA allocator
+    peak), from the profiler's allocation and free events in time order. Independent of how the C allocator
+    recycles pages, unlike the resident set size."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
-def peak_rss_extra_bytes(fn) -> int | None:
-    """CPU (Linux): peak resident memory above the current level while ``fn()`` runs. Resets the kernel's
-    high-water mark first (``/proc/self/clear_refs``); None where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    base = _rss_bytes()
-    fn()
-    return max(0, _peak_rss_bytes() - base)
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak memory allocated by ``fn()`` above what was allocated before it, on ``device``."""
+    return gpu_peak_extra_bytes(fn) if device.type == "cuda" else cpu_peak_extra_bytes(fn)
 
 
 def _cpu_name() -> str:
