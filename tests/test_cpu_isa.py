@@ -1,5 +1,5 @@
 """The CPU backend's generic and AVX2 code paths (selected at run time) pass the same tests as the default one
-(log-probs and KL)."""
+(log-probs, KL, GAE)."""
 
 import os
 import subprocess
@@ -13,10 +13,12 @@ from conftest import DEVICE, KERNEL_BACKENDS
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_cpu_isa_variant(isa):
     env = dict(os.environ, RLHF_KERNELS_CPU_ISA=isa)
-    kinds = "matches_reference or batch_invariance or non_finite or ignored or hand_computed or identical or peaked"
-    selection = f"cpu and ({kinds})"
+    kinds = " or ".join(
+        ("matches_reference", "matches_loop", "batch_invariance", "non_finite", "ignored", "hand_computed", "peaked")
+    )
+    selection = f"cpu and ({kinds} or identical)"
     here = os.path.dirname(__file__)
-    files = [os.path.join(here, f) for f in ("test_logprobs.py", "test_kl.py")]
+    files = [os.path.join(here, f) for f in ("test_logprobs.py", "test_kl.py", "test_gae.py")]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     proc = subprocess.run([*cmd, "-k", selection], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
