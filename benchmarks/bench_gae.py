@@ -84,7 +84,7 @@ def run(device: torch.device, cases) -> str:
         ]
         base = None
         for name, fn in providers(device).items():
-            reps = 3 if name in ("loop", "compile") else 20
+            reps = 5 if name in ("loop", "compile") else 50
             ms = median_ms(functools.partial(fn, r, v, m), device, warmup=1, reps=reps)
             base = base or ms
             gbs = traffic / ms / 1e6

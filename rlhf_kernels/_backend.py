@@ -93,17 +93,22 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The backend an op call on ``device`` uses: ``requested``, else $RLHF_KERNELS_BACKEND, else the best one."""
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
+    return _resolve(name, requested is not None, device.type, triton_interpreted())
+
+
+@functools.lru_cache(maxsize=128)  # keyed by everything the answer depends on; errors are not cached
+def _resolve(name: str | None, explicit: bool, device_type: str, interpreted: bool) -> str:
     if name is None:
-        status = backend_status(device)
-        order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+        status = backend_status(device_type)
+        order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
         return next(b for b in order if status[b] == "ok")
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(BACKENDS)}")
-    why = backend_status(device)[name]
+    why = backend_status(device_type)[name]
     if why != "ok":
-        src = "backend=" if requested is not None else f"${ENV_VAR}="
+        src = "backend=" if explicit else f"${ENV_VAR}="
         raise ValueError(
-            f"{src}{name!r} cannot run on {device.type} tensors here: {why}; "
-            f"available: {', '.join(available_backends(device))}"
+            f"{src}{name!r} cannot run on {device_type} tensors here: {why}; "
+            f"available: {', '.join(available_backends(device_type))}"
         )
     return name
