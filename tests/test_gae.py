@@ -91,14 +91,17 @@ def test_matches_loop(backend, dtype, shape, gamma, lam):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_whiten_and_input_forms(backend):
-    rewards = torch.randn(6, 200, device=DEVICE) * 3 + 1
-    values = torch.randn(6, 200, device=DEVICE, dtype=torch.float16)
-    mask = torch.rand(6, 200, device=DEVICE) > 0.3
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_whiten_and_input_forms(backend, offset):
+    """Whitening from the kernels' per-row statistics equals masked_whiten of the advantages, also when the
+    advantages have a large mean and drift along the rows (the statistics must not cancel)."""
+    rewards = torch.randn(6, 2000, device=DEVICE) * 3 + offset / 2000
+    values = (torch.randn(6, 2000, device=DEVICE) + offset).to(torch.float16)
+    mask = torch.rand(6, 2000, device=DEVICE) > 0.3
     adv, ret = rlhf_kernels.gae(rewards, values, mask, gamma=0.98, lam=0.9, backend=backend)
     white, ret_w = rlhf_kernels.gae(rewards, values, mask.float(), gamma=0.98, lam=0.9, whiten=True, backend=backend)
     assert torch.equal(ret, ret_w)  # returns come before whitening; a 0/1 float mask means the same as bool
-    assert torch.allclose(white, rlhf_kernels.masked_whiten(adv, mask), atol=1e-5)
+    assert torch.allclose(white.double(), rlhf_kernels.masked_whiten(adv.double(), mask), atol=1e-5)
     sel = white[mask].double()
     assert abs(sel.mean().item()) < 1e-5 and abs(sel.var().item() - 1) < 1e-4
 

@@ -3,8 +3,8 @@
 // Per row, backwards over t with next_value = acc = 0 (fp32):
 //   mask[t]:  acc = (r_t + gamma next_value - V_t) + gamma lam acc,  next_value = V_t
 //   else:     both carry;      advantages[t] = acc,  returns[t] = acc + V_t
-// then the row's count, mean and M2 (sum of squared deviations from the row mean) of the advantages at masked
-// positions, in two passes over the row while it is still in cache. Whitening over the batch merges these.
+// and, in the same pass, the row's count, mean and M2 (sum of squared deviations from the row mean) of the
+// advantages at masked positions, from shifted sums. Whitening over the batch merges these.
 //
 // On a CPU the recursion is cheapest as it is written: one row per thread (rows split with at::parallel_for),
 // one dependent multiply-add per step (an FMA on AVX2 / AVX-512 machines, chosen at run time as for the other
@@ -52,7 +52,11 @@ struct GaeKernel {
       const bool* m = p.mask + row * T_;
       float* a = p.adv + row * T_;
       float* rt = p.ret + row * T_;
-      float acc = 0.0f, next_value = 0.0f, sum = 0.0f;
+      float acc = 0.0f, next_value = 0.0f;
+      // Count, and fp64 sums of (adv - shift) and its square with shift = the row's first advantage: shifted
+      // fp64 sums keep mean and M2 accurate to fp32 rounding, in the same pass and off the recursion's chain.
+      float shift = 0.0f;
+      double s1 = 0.0, s2 = 0.0;
       int64_t count = 0;
       for (int64_t t = T_ - 1; t >= 0; --t) {  // the serial chain is one multiply-add and one select per step
         const float vt = to_float(v[t]);
@@ -63,26 +67,16 @@ struct GaeKernel {
         next_value = keep ? vt : next_value;
         a[t] = acc;
         rt[t] = acc + vt;
+        shift = count == 0 ? acc : shift;
+        const double d = keep ? static_cast<double>(acc) - shift : 0.0;
+        s1 += d;
+        s2 += d * d;
         count += keep;
-        sum += keep ? acc : 0.0f;
       }
-      // M2 around the row mean while the row is in cache, with kLanes partial sums (no serial add chain).
-      const float mean = count > 0 ? sum / static_cast<float>(count) : 0.0f;
-      float part[kLanes];
-      for (int j = 0; j < kLanes; ++j) part[j] = 0.0f;
-      int64_t t = 0;
-      for (; t + kLanes <= T_; t += kLanes)
-        for (int j = 0; j < kLanes; ++j) {
-          const float d = a[t + j] - mean;
-          part[j] += m[t + j] ? d * d : 0.0f;
-        }
-      for (; t < T_; ++t) {
-        const float d = a[t] - mean;
-        part[0] += m[t] ? d * d : 0.0f;
-      }
+      const double mean_shifted = count > 0 ? s1 / static_cast<double>(count) : 0.0;
       p.stats[row * 3] = static_cast<float>(count);
-      p.stats[row * 3 + 1] = mean;
-      p.stats[row * 3 + 2] = lanes_sum(part);
+      p.stats[row * 3 + 1] = count > 0 ? static_cast<float>(shift + mean_shifted) : 0.0f;
+      p.stats[row * 3 + 2] = count > 0 ? static_cast<float>(std::max(0.0, s2 - s1 * mean_shifted)) : 0.0f;
     }
   }
 };
