@@ -13,7 +13,7 @@
 #include <tuple>
 
 #include "cuda/dispatch.h"
-#include "cuda/kl.cuh"
+#include "cuda/kl_bwd.cuh"  // includes kl.cuh
 
 namespace {
 
