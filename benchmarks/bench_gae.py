@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 
 import torch
 
 import rlhf_kernels
-from benchmarks.common import copy_bandwidth_gbs, environment, median_ms
+from benchmarks.common import copy_bandwidth_gbs, emit_row, median_ms, publish, synced
 
 GAMMA, LAM = 1.0, 0.95
 
@@ -88,8 +87,7 @@ def run(device: torch.device, cases) -> str:
             ms = median_ms(functools.partial(fn, r, v, m), device, warmup=1, reps=reps)
             base = base or ms
             gbs = traffic / ms / 1e6
-            lines.append(f"| {name} | {ms:.3f} | {gbs:,.1f} | {gbs / copy_gbs:.0%} | {base / ms:,.0f}x |")
-            print(lines[-1], file=sys.stderr, flush=True)
+            emit_row(lines, f"| {name} | {ms:.3f} | {gbs:,.1f} | {gbs / copy_gbs:.0%} | {base / ms:,.0f}x |")
     return "\n".join(lines)
 
 
@@ -103,13 +101,7 @@ def main(argv=None):
         cases = [(512, 4096, torch.float32), (512, 4096, torch.bfloat16), (64, 32768, torch.float32)]
     else:
         cases = [(256, 2048, torch.float32)]
-    env = environment()
-    table = run(device, cases)
-    header = "## rlhf_kernels.gae benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
-    print(header + "\n" + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(header + "\n" + table + "\n")
+    publish("rlhf_kernels.gae benchmark", run(device, cases), args.out)
 
 
 _DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,14 +112,7 @@ try:
     @pytest.mark.parametrize("provider", list(providers(_DEV)))
     def test_gae(benchmark, provider):
         r, v, m = make_inputs(256, 2048, torch.float32, _DEV)
-        fn = providers(_DEV)[provider]
-
-        def timed():
-            fn(r, v, m)
-            if _DEV.type == "cuda":
-                torch.cuda.synchronize()
-
-        benchmark(timed)
+        benchmark(synced(functools.partial(providers(_DEV)[provider], r, v, m), _DEV))
 except ImportError:  # pragma: no cover - pytest only needed for the pytest-benchmark entry points
     pass
 

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 
 import torch
 
 import rlhf_kernels
-from benchmarks.common import copy_bandwidth_gbs, environment, median_ms, peak_extra_bytes
+from benchmarks.common import (
+    copy_bandwidth_gbs,
+    median_ms,
+    paths_table,
+    peak_extra_bytes,
+    provider_table,
+    publish,
+    synced,
+)
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -61,7 +68,7 @@ def step_fn(provider, x, y, mode):
     return step
 
 
-def measure(name, n, v, dtype, device, mode, memory=True):
+def measure(name, mode, n, v, dtype, device, memory=True):
     x, y = make_inputs(n, v, dtype, device, requires_grad=mode == "fwd+bwd")
     fn = step_fn(providers(device)[name], x, y, mode)
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
@@ -92,47 +99,21 @@ def fused_linear_paths(n, h, v, dtype, device):
     return {"unfused (torch)": unfused, "fused_linear_kl": fused}
 
 
-def _fmt_mem(b):
-    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
-
-
 def run(device: torch.device, cases, modes, memory: bool, fused_cases) -> str:
     lines = []
     for n, v, dtype in cases:
         x, _ = make_inputs(n, v, dtype, device)
         copy_gbs = copy_bandwidth_gbs(x)
         del x
-        lines += [
-            f"\n### N={n}, V={v}, {str(dtype).replace('torch.', '')}, {device.type} "
-            f"(copy bandwidth {copy_gbs:,.1f} GB/s)\n",
-            "| mode | provider | median ms | GB/s | of copy BW | speed-up vs torch | peak extra memory |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for mode in modes:
-            base = None
-            for name in providers(device):
-                r = measure(name, n, v, dtype, device, mode, memory)
-                base = base or r["ms"]
-                lines.append(
-                    f"| {mode} | {name} | {r['ms']:.2f} | {r['gbs']:,.1f} | {r['gbs'] / copy_gbs:.0%} | "
-                    f"{base / r['ms']:.2f}x | {_fmt_mem(r['mem'])} |"
-                )
-                print(lines[-1], file=sys.stderr, flush=True)
+        heading = f"N={n}, V={v}, {str(dtype).replace('torch.', '')}, {device.type}"
+        case = functools.partial(measure, n=n, v=v, dtype=dtype, device=device, memory=memory)
+        lines += provider_table(heading, copy_gbs, modes, providers(device), case)
     for n, h, v, dtype in fused_cases:
-        lines += [
-            f"\n### fused_linear_kl, forward + backward: N={n}, H={h}, V={v}, {str(dtype).replace('torch.', '')}, "
-            f"{device.type}\n",
-            "| path | median ms | peak extra memory | memory vs unfused |",
-            "|---|---:|---:|---:|",
-        ]
-        base_mem = None
-        for name, fn in fused_linear_paths(n, h, v, dtype, device).items():
-            ms = median_ms(fn, device, warmup=1, reps=3)
-            mem = None if not memory else peak_extra_bytes(fn, device)
-            base_mem = base_mem or mem
-            frac = "-" if mem is None or not base_mem else f"{mem / base_mem:.1%}"
-            lines.append(f"| {name} | {ms:.1f} | {_fmt_mem(mem)} | {frac} |")
-            print(lines[-1], file=sys.stderr, flush=True)
+        heading = (
+            f"fused_linear_kl, forward + backward: N={n}, H={h}, V={v}, {str(dtype).replace('torch.', '')}, "
+            f"{device.type}"
+        )
+        lines += paths_table(heading, fused_linear_paths(n, h, v, dtype, device), device, memory)
     return "\n".join(lines)
 
 
@@ -150,13 +131,8 @@ def main(argv=None):
     else:
         cases = [(4096, 32000, torch.float32)]
         fused_cases = [(2048, 512, 32000, torch.float32)]
-    env = environment()
     table = run(device, cases, args.modes.split(","), not args.no_memory, fused_cases)
-    header = "## rlhf_kernels.kl_from_logits benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
-    print(header + "\n" + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(header + "\n" + table + "\n")
+    publish("rlhf_kernels.kl_from_logits benchmark", table, args.out)
 
 
 # pytest-benchmark entry points: `pytest benchmarks/bench_kl.py` (CPU-sized unless CUDA is present).
@@ -171,14 +147,7 @@ try:
     def test_kl(benchmark, provider, mode):
         dtype = torch.bfloat16 if _DEV.type == "cuda" else torch.float32
         x, y = make_inputs(_N, _V, dtype, _DEV, requires_grad=mode == "fwd+bwd")
-        fn = step_fn(providers(_DEV)[provider], x, y, mode)
-
-        def timed():
-            fn()
-            if _DEV.type == "cuda":
-                torch.cuda.synchronize()
-
-        benchmark(timed)
+        benchmark(synced(step_fn(providers(_DEV)[provider], x, y, mode), _DEV))
 except ImportError:  # pragma: no cover - pytest only needed for the pytest-benchmark entry points
     pass
 

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -103,3 +104,74 @@ def environment() -> dict:
         "python": platform.python_version(),
         "backends": rlhf_kernels.available_backends(),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables and reports shared by the bench_*.py scripts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fmt_mem(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def emit_row(lines: list[str], row: str) -> None:
+    lines.append(row)
+    print(row, file=sys.stderr, flush=True)  # progress while a long table is measured
+
+
+def provider_table(heading: str, copy_gbs: float, modes, names, measure) -> list[str]:
+    """Markdown rows of one case: for each mode and provider name, ``measure(name, mode)`` -> dict with "ms",
+    "gbs" and "mem"; the first provider of each mode is the baseline of the speed-up column."""
+    lines = [
+        f"\n### {heading} (copy bandwidth {copy_gbs:,.1f} GB/s)\n",
+        "| mode | provider | median ms | GB/s | of copy BW | speed-up vs torch | peak extra memory |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode in modes:
+        base = None
+        for name in names:
+            r = measure(name, mode)
+            base = base or r["ms"]
+            emit_row(
+                lines,
+                f"| {mode} | {name} | {r['ms']:.2f} | {r['gbs']:,.1f} | {r['gbs'] / copy_gbs:.0%} | "
+                f"{base / r['ms']:.2f}x | {fmt_mem(r['mem'])} |",
+            )
+    return lines
+
+
+def paths_table(heading: str, paths: dict, device: torch.device, memory: bool) -> list[str]:
+    """Markdown rows timing each of ``paths`` (name -> callable; the first is the unfused baseline)."""
+    lines = [
+        f"\n### {heading}\n",
+        "| path | median ms | peak extra memory | memory vs unfused |",
+        "|---|---:|---:|---:|",
+    ]
+    base_mem = None
+    for name, fn in paths.items():
+        ms = median_ms(fn, device, warmup=1, reps=3)
+        mem = peak_extra_bytes(fn, device) if memory else None
+        base_mem = base_mem or mem
+        frac = "-" if mem is None or not base_mem else f"{mem / base_mem:.1%}"
+        emit_row(lines, f"| {name} | {ms:.1f} | {fmt_mem(mem)} | {frac} |")
+    return lines
+
+
+def publish(title: str, table: str, out: str | None) -> None:
+    """Prints the environment and the tables; also writes them to ``out`` when given."""
+    report = f"## {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in environment().items()) + "\n" + table
+    print(report)
+    if out:
+        with open(out, "w") as f:
+            f.write(report + "\n")
+
+
+def synced(fn, device: torch.device):
+    """``fn`` followed by a device synchronisation (for pytest-benchmark, which times host calls)."""
+
+    def call():
+        fn()
+        sync(device)
+
+    return call

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from ._backend import triton_interpreted
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -34,6 +35,19 @@ def check_float_tensor(name: str, x: object) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def bool_mask(mask: object, shape: torch.Size | tuple, device: torch.device, name: str = "mask") -> torch.Tensor:
+    """``mask`` (bool, or integer / float 0-1 values) of exactly ``shape`` on ``device``, as a bool tensor."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or real 0/1 values, got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match {tuple(shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the data is on {device}")
+    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def check_temperature(temperature: float) -> float:
@@ -109,7 +123,7 @@ def row_launch_config(V: int, elem_size: int) -> tuple[int, int]:
 def interpreter_rounds_bf16(dtype: torch.dtype) -> bool:
     """The Triton interpreter converts fp32 to bf16 by truncation (GPUs round to nearest even), which makes
     interpreted bf16 outputs up to one ulp off; kernels then round in :func:`to_output_dtype` themselves."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dtype == torch.bfloat16 and triton_interpreted()
 
 
 @triton.jit

@@ -34,7 +34,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -54,8 +53,6 @@ namespace rlhf_cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // elements per online-max block and row (2 x 8 KiB of fp32 buffers)
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 static_assert(kBlock % kLanes == 0, "kBlock must be a multiple of kLanes");
 
 // Rows of a (B, T, V) tensor with stride(2) == 1; row r = (r / T, r % T), 64-bit offsets.

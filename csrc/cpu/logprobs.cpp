@@ -32,7 +32,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <tuple>
 
 // Floating-point code generation for the kernels below (results do not depend on the optimiser):
@@ -54,8 +53,6 @@ namespace rlhf_cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // elements per online-max block; a multiple of kLanes
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 static_assert(kBlock % kLanes == 0, "kBlock must be a multiple of kLanes");
 
 struct RowStats {

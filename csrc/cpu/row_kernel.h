@@ -1,4 +1,5 @@
 // Pieces shared by the row-wise CPU kernels (logprobs.cpp, kl.cpp):
+//   * kNaN / kNegInf;
 //   * kLanes-wide accumulators reduced in a fixed pairwise order (lanes_sum / lanes_max), so that a row's result
 //     depends only on its length, never on alignment, batch or thread count (batch invariance);
 //   * grain_rows: the rows-per-task rule for at::parallel_for (one row is always handled by one thread);
@@ -10,12 +11,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "vec_math.h"
 
 namespace rlhf_cpu {
 
-constexpr int kLanes = 32;  // independent accumulators per row (2 zmm / 4 ymm registers)
+constexpr int kLanes = 32;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();  // independent accumulators per row (2 zmm / 4 ymm registers)
 
 // Fixed-order pairwise reductions of kLanes values (order independent of everything but kLanes).
 RLHF_INLINE float lanes_sum(float* v) {

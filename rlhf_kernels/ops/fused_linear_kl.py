@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._backend import resolve_backend
-from .._utils import check_temperature
+from .._utils import bool_mask, check_temperature
 from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
-from .kl import check_direction, check_mask
+from .kl import check_direction
 
 
 class FusedLinearKLFunction(torch.autograd.Function):
@@ -122,7 +122,7 @@ def fused_linear_kl(
     reverse = check_direction(direction)
     check_chunk_size(chunk_size)
     lead = hidden.shape[:-1]
-    mask = check_mask(mask, lead, hidden.device)
+    mask = None if mask is None else bool_mask(mask, lead, hidden.device)
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         kl = reference.fused_linear_kl(

@@ -17,8 +17,8 @@ import torch
 
 from .. import reference
 from .._backend import load_ext, resolve_backend
-from .._utils import FLOAT_DTYPES, tl, triton
-from .masked_stats import check_mask_like, combine_row_stats, masked_whiten, whiten_with
+from .._utils import FLOAT_DTYPES, bool_mask, tl, triton
+from .masked_stats import combine_row_stats, masked_whiten, whiten_with
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Triton kernel
@@ -126,7 +126,8 @@ if load_ext()[0] and hasattr(torch.ops.rlhf_kernels_C, "gae_fwd"):  # shapes for
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_gae_args(rewards, values, mask, gamma, lam):
+def _check_gae_args(rewards, values, mask, gamma, lam) -> torch.Tensor:
+    """Validates the arguments; returns the mask as bool."""
     for name, x in (("rewards", rewards), ("values", values)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -138,10 +139,10 @@ def _check_gae_args(rewards, values, mask, gamma, lam):
         raise ValueError(f"values shape {tuple(values.shape)} does not match rewards {tuple(rewards.shape)}")
     if values.device != rewards.device:
         raise ValueError(f"values are on {values.device} but rewards are on {rewards.device}")
-    check_mask_like(mask, rewards)
     for name, val in (("gamma", gamma), ("lam", lam)):
         if not (0.0 <= float(val) <= 1.0):
             raise ValueError(f"{name} must lie in [0, 1], got {val}")
+    return bool_mask(mask, rewards.shape, rewards.device)
 
 
 def gae(
@@ -172,10 +173,9 @@ def gae(
         and between the turns of a multi-turn response the next valid token's advantage. returns = advantages +
         values. Not differentiable (advantages are constants of the PPO update).
     """
-    _check_gae_args(rewards, values, mask, gamma, lam)
+    m = _check_gae_args(rewards, values, mask, gamma, lam)
     gamma, lam = float(gamma), float(lam)
     name = resolve_backend(backend, rewards.device)
-    m = mask if mask.dtype == torch.bool else mask != 0
     if name == "reference":
         adv, ret = reference.gae(rewards, values, m, gamma, lam)
         adv, ret = adv.float(), ret.float()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._utils import bool_mask
+
 GROUP_MODES = ("grpo", "rloo")
 
 
@@ -65,5 +67,5 @@ def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.T
         raise ValueError(
             f"expected advantages (B,) and mask (B, T), got {tuple(advantages.shape)} and {tuple(mask.shape)}"
         )
-    m = mask if mask.dtype == torch.bool else mask != 0
+    m = bool_mask(mask, mask.shape, advantages.device)
     return torch.where(m, advantages.unsqueeze(1), torch.zeros((), dtype=advantages.dtype, device=advantages.device))

@@ -18,6 +18,7 @@ import torch
 from .. import reference
 from .._backend import load_ext, resolve_backend
 from .._utils import (
+    bool_mask,
     check_float_tensor,
     check_temperature,
     interpreter_rounds_bf16,
@@ -295,19 +296,6 @@ def check_direction(direction: str) -> bool:
     return direction == "reverse"
 
 
-def check_mask(mask: object, lead_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-    """``mask`` as a bool tensor of shape ``lead_shape`` (bool, or integer / float 0-1 values), or None."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape != lead_shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the token shape {tuple(lead_shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
 def kl_from_logits(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -363,7 +351,7 @@ def kl_from_logits(
     temperature = check_temperature(temperature)
     reverse = check_direction(direction)
     lead = logits.shape[:-1]
-    mask = check_mask(mask, lead, logits.device)
+    mask = None if mask is None else bool_mask(mask, lead, logits.device)
     name = resolve_backend(backend, logits.device)
     if name == "reference":
         return reference.kl_from_logits(logits, ref_logits, temperature, mask, direction).float()

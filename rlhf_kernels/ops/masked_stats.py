@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from .._utils import bool_mask
+
 WHITEN_EPS = 1e-8
-
-
-def check_mask_like(mask: object, x: torch.Tensor, name: str = "mask") -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != x.shape:
-        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match {tuple(x.shape)}")
-    if mask.device != x.device:
-        raise ValueError(f"{name} is on {mask.device} but the data is on {x.device}")
-    if mask.is_complex():
-        raise TypeError(f"{name} must be bool or real 0/1 values, got {mask.dtype}")
 
 
 def _prepare(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    check_mask_like(mask, x)
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return x.to(dtype), (mask if mask.dtype == torch.bool else mask != 0)
+    m = bool_mask(mask, x.shape, x.device)
+    return x.to(torch.promote_types(x.dtype, torch.float32)), m
 
 
 def _check_count(count: torch.Tensor, needed: int, what: str) -> None:
@@ -58,16 +48,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] 
     return total / count.clamp_min(1.0)
 
 
+def _mean_var(x: torch.Tensor, m: torch.Tensor, unbiased: bool, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the selected elements of prepared ``x`` (two passes: the variance of centred values)."""
+    count = m.sum(dtype=x.dtype)
+    _check_count(count, 2 if unbiased else 1, what)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    mean = torch.where(m, x, zero).sum() / count
+    var = torch.where(m, x - mean, zero).square().sum() / (count - 1 if unbiased else count)
+    return mean, var
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x`` over the selected elements (a scalar), with Bessel's correction when ``unbiased``.
     Fewer than 1 (2 when ``unbiased``) selected elements is a ValueError."""
     x, m = _prepare(x, mask)
-    count = m.sum(dtype=x.dtype)
-    _check_count(count, 2 if unbiased else 1, "masked_var" + (" with unbiased=True" if unbiased else ""))
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    mean = torch.where(m, x, zero).sum() / count
-    centred = torch.where(m, x - mean, zero)
-    return centred.square().sum() / (count - 1 if unbiased else count)
+    return _mean_var(x, m, unbiased, "masked_var" + (" with unbiased=True" if unbiased else ""))[1]
 
 
 def whiten_with(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, shift_mean: bool) -> torch.Tensor:
@@ -83,11 +78,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     with the mean added back when ``shift_mean=False``. Every element is transformed (the statistics come from
     the selected ones only); fewer than two selected elements is a ValueError."""
     xf, m = _prepare(x, mask)
-    count = m.sum(dtype=xf.dtype)
-    _check_count(count, 2, "masked_whiten")
-    zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
-    mean = torch.where(m, xf, zero).sum() / count
-    var = torch.where(m, xf - mean, zero).square().sum() / (count - 1)
+    mean, var = _mean_var(xf, m, True, "masked_whiten")
     return whiten_with(xf, mean, var, shift_mean)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .masked_stats import check_mask_like
+from .._utils import bool_mask
 
 
 def token_rewards(
@@ -38,12 +38,12 @@ def token_rewards(
     if scores.device != mask.device:
         raise ValueError(f"scores are on {scores.device} but mask is on {mask.device}")
     dtype = torch.promote_types(scores.dtype, torch.float32)
-    m = mask if mask.dtype == torch.bool else mask != 0
+    m = bool_mask(mask, (B, T), scores.device)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     if kl is not None:
         if not isinstance(kl, torch.Tensor) or not kl.is_floating_point():
             raise TypeError("kl must be a floating-point torch.Tensor")
-        check_mask_like(mask, kl, "mask")
+        bool_mask(mask, kl.shape, kl.device)  # kl must match the mask
         dtype = torch.promote_types(dtype, kl.dtype)
         rewards = torch.where(m, -float(kl_coef) * kl.to(dtype), zero.to(dtype))
     else:
