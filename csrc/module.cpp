@@ -48,4 +48,26 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
   // returns (B, T) = advantages + values, and row_stats (B, 3): count, mean and M2 (sum of squared deviations
   // from the mean) of the advantages at masked positions of each row (zeros for a row without one).
   m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor, Tensor)");
+
+  // PPO clipped surrogate, per token i of N, fused with its gradient. logprobs, old_logprobs, advantages, weight:
+  // (N,) fp32 contiguous, one device. Token i counts iff weight[i] != 0 (its other inputs are then never used, so
+  // padding may hold anything, NaN included). With d = logprobs - old_logprobs, r = exp(clamp(d, -20, 20)), A:
+  //   l1 = -A r,  l2 = -A clamp(r, 1 - clip_low, 1 + clip_high);  clipped = l2 > l1;  l = clipped ? l2 : l1
+  //   dual_clip > 0 and A < 0 and l > -A dual_clip:  l = -A dual_clip, lower = 1 (else lower = 0)
+  //   dl/dlogprobs = 0 if clipped or lower or |d| > 20, else -A r
+  // Returns grad (N,) fp32 = weight * dl/dlogprobs (0 where the token does not count) and partials (P, 4) fp32,
+  // P >= 1 chosen by the backend, whose column sums over the counted tokens are:
+  //   [sum weight * l, count of clipped, sum (old_logprobs - logprobs), count of lower].
+  m.def(
+      "ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor weight, float clip_low,"
+      " float clip_high, float dual_clip) -> (Tensor, Tensor)");
+  // Clipped value loss, per token, fused with its gradient. values, old_values, returns, weight: (N,) fp32
+  // contiguous; token i counts iff weight[i] != 0. With a = v - R, vc = min(max(v, old - clip), old + clip)
+  // (clip may be +inf: no clipping), b = vc - R:
+  //   clipped = b^2 > a^2;  l = 0.5 * (clipped ? b^2 : a^2);  dl/dv = clipped ? 0 : a
+  // Returns grad (N,) fp32 = weight * dl/dv (0 where the token does not count) and partials (P, 2) fp32 whose
+  // column sums over the counted tokens are [sum weight * l, count of clipped].
+  m.def(
+      "ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor weight, float clip)"
+      " -> (Tensor, Tensor)");
 }
