@@ -135,3 +135,162 @@ def gae(
         next_value = torch.where(m[:, t], v[:, t], next_value)
         adv[:, t] = acc
     return adv, adv + v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """Per-token ``loss`` (..., T) reduced over the tokens where ``mask`` is True, by mode (sequences are the
+    leading dimensions). Positions outside the mask never reach the result, even if they hold NaN."""
+    m = mask.bool()
+    x = torch.where(m, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    if agg == "token-mean":
+        return x.sum() / m.sum().clamp_min(1)
+    seq_sum = x.sum(-1)  # (...)
+    seq_len = m.sum(-1)
+    has_tokens = seq_len > 0
+    n_seq = has_tokens.sum().clamp_min(1)
+    if agg == "seq-mean-token-sum":
+        return seq_sum.sum() / n_seq
+    if agg == "seq-mean-token-mean":
+        return (seq_sum / seq_len.clamp_min(1)).sum() / n_seq
+    if agg == "seq-mean-token-sum-norm":
+        return seq_sum.sum() / n_seq / loss.shape[-1]
+    raise ValueError(f"unknown agg {agg!r}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.bool()
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / m.sum().clamp_min(1)
+
+
+def _masked_out(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with 0 outside the mask, so that padding (even NaN) reaches neither loss nor gradient."""
+    return torch.where(mask.bool(), x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (https://arxiv.org/abs/1707.06347), optionally dual-clipped
+    (https://arxiv.org/abs/1912.09729). All inputs (..., T); returns (loss, stats) in fp32 (fp64 for fp64)."""
+    dtype = torch.promote_types(_upcast(logprobs).dtype, _upcast(old_logprobs).dtype)
+    lp, old, adv = (_masked_out(x, mask, dtype) for x in (logprobs, old_logprobs.detach(), advantages.detach()))
+    log_ratio = lp - old
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    lower = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        lower = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    stats = {
+        "policy/clipfrac": _masked_mean((clipped > unclipped).to(dtype), mask),
+        "policy/approxkl": _masked_mean(-log_ratio.detach(), mask),
+        "policy/clipfrac_lower": _masked_mean(lower.to(dtype), mask),
+    }
+    return aggregate_loss(per_token, mask, agg), stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, old - c, old + c) - R)^2), aggregated by ``agg``."""
+    dtype = torch.promote_types(_upcast(values).dtype, _upcast(old_values).dtype)
+    v, old, ret = (_masked_out(x, mask, dtype) for x in (values, old_values.detach(), returns.detach()))
+    unclipped = (v - ret).square()
+    if clip is None:
+        clipped = unclipped
+    else:
+        clipped = (torch.minimum(torch.maximum(v, old - clip), old + clip) - ret).square()
+    per_token = 0.5 * torch.maximum(unclipped, clipped)
+    stats = {"val/clipfrac": _masked_mean((clipped > unclipped).to(dtype), mask)}
+    return aggregate_loss(per_token, mask, agg), stats
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    reference_free: bool = False,
+) -> torch.Tensor:
+    """Per-pair DPO-family losses (B,), written out one formula per loss type."""
+    pc, pr = _upcast(policy_chosen_logps), _upcast(policy_rejected_logps)
+    no_ref = reference_free or loss_type == "simpo"
+    rc = torch.zeros_like(pc) if no_ref else _upcast(ref_chosen_logps).detach()
+    rr = torch.zeros_like(pr) if no_ref else _upcast(ref_rejected_logps).detach()
+    h = (pc - rc) - (pr - rr)
+    eps = label_smoothing
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type == "sigmoid":
+        return -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h)
+    if loss_type == "robust":
+        return (-(1 - eps) * logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * (pc - rc)) + torch.sigmoid(beta * (pr - rr))
+    if loss_type == "simpo":
+        x = beta * (pc - pr) - gamma
+        return -(1 - eps) * logsig(x) - eps * logsig(-x)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def fused_linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The unfused composition: full logits -> log-probs and entropy -> clipped surrogate + kl_coef * KL estimator
+    - entropy_coef * entropy, each aggregated by ``agg`` over ``mask``."""
+    from .ops.kl_penalty import kl_penalty_from_delta
+
+    m = mask.bool()
+    labels = torch.where(m, labels, torch.full_like(labels, ignore_index))
+    lp, ent = fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
+    loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, m, clip_low, clip_high, dual_clip, agg)
+    stats["policy/entropy"] = _masked_mean(ent.detach(), m)
+    loss = loss - entropy_coef * aggregate_loss(ent, m, agg)
+    if ref_logprobs is not None:
+        kl = kl_penalty_from_delta(lp - _masked_out(ref_logprobs.detach(), m, lp.dtype), kl_kind)
+        stats["policy/kl"] = _masked_mean(kl.detach(), m)
+        loss = loss + kl_coef * aggregate_loss(kl, m, agg)
+    return loss, stats

@@ -70,3 +70,23 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     dtype = torch.promote_types(torch.promote_types(logprobs.dtype, ref_logprobs.dtype), torch.float32)
     delta = logprobs.to(dtype) - ref_logprobs.detach().to(dtype)
     return kl_penalty_from_delta(delta, kind)
+
+
+def kl_penalty_and_grad(delta: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl_penalty_from_delta(delta, kind), its derivative with respect to delta)``, elementwise, without
+    autograd: for losses that compute their gradient in the forward pass. A clamp that is active cuts the
+    derivative to 0 (as autograd does through ``clamp``)."""
+    if kind == "k1":
+        return delta, torch.ones_like(delta)
+    if kind == "abs":
+        return delta.abs(), delta.sign()
+    if kind == "k2":
+        return 0.5 * delta.square(), delta
+    if kind == "k3":
+        d = (-delta).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+        e = torch.expm1(d)
+        k3 = e - d
+        inside = (delta.abs() <= K3_LOG_RATIO_CLAMP) & (k3 <= K3_VALUE_CLAMP) & (k3 >= -K3_VALUE_CLAMP)
+        return k3.clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP), torch.where(inside, -e, torch.zeros_like(e))
+    check_kl_kind(kind)
+    raise AssertionError("unreachable")

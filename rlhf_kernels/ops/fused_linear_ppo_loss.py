@@ -1,0 +1,204 @@
+"""The PPO / GRPO policy loss straight from the last hidden states and the LM head, in one sweep.
+
+Every term of the loss is a weighted sum over tokens whose weights depend only on the mask (see
+:func:`rlhf_kernels.ops.ppo_loss.aggregation_weights`), so the gradient of each token's loss with respect to its
+log-prob and entropy is known as soon as that token's log-prob is. Per chunk of tokens the forward therefore:
+  1. computes the chunk's logits (GEMM 1),
+  2. reads them once for log-prob, entropy and the softmax statistics (the log-prob kernel),
+  3. evaluates the clipped surrogate with its gradient (the PPO kernel), plus the KL and entropy terms,
+  4. turns those per-token gradients into logit gradients (the log-prob backward kernel),
+  5. applies them: grad_hidden (GEMM 2) and grad_weight (GEMM 3, accumulated in fp32).
+No chunk's logits are computed twice (the unfused path needs four GEMMs per chunk) and nothing of size
+(tokens x vocab) outlives a chunk. The backward only scales the saved gradients by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from .._backend import resolve_backend
+from .._utils import check_label_range, check_labels, check_temperature
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
+from .kl_penalty import check_kl_kind, kl_penalty_and_grad
+from .ppo_loss import aggregation_weights, check_agg, check_clip, check_token_inputs, tokens_fp32
+
+# Slots of the per-call totals: the weighted loss terms, then the counts and sums behind the statistics.
+_PPO, _ENT, _KL, _CLIPPED, _LOG_RATIO, _LOWER, _ENT_SUM, _KL_SUM, _MAX_DEV = range(9)
+
+
+class FusedLinearPPOLossFunction(torch.autograd.Function):
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 (ignore_index where not counted), old,
+    adv, ref | None, w: (N,) fp32 -> (loss (), totals (9,)) fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, w, coefs, clips, kl_kind, inv_t, ignore, chunk, be):
+        kl_coef, entropy_coef = coefs
+        clip_low, clip_high, dual_clip = clips
+        N = hidden.shape[0]
+        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        totals = torch.zeros(9, dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            y, w_c = labels[s:e].unsqueeze(0), w[s:e]
+            counted = w_c != 0
+            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V)
+            lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(logits, y, inv_t, ignore, be)
+            g_lp, sums = torch.ops.rlhf_kernels.ppo_policy_fwd(
+                lp[0], old[s:e], adv[s:e], w_c, clip_low, clip_high, dual_clip, be
+            )
+            totals[_PPO] += sums[0]
+            totals[_CLIPPED : _LOWER + 1] += sums[1:]
+            totals[_ENT_SUM] += ent.sum()  # 0 at tokens that do not count (their label is ignore_index)
+            totals[_ENT] += (w_c * ent[0]).sum()
+            dev = torch.where(counted, (lp[0] - old[s:e]).abs(), 0.0).max()
+            totals[_MAX_DEV] = torch.maximum(totals[_MAX_DEV], dev)
+            if ref is not None:
+                k, dk = kl_penalty_and_grad(lp[0] - ref[s:e], kl_kind)
+                totals[_KL_SUM] += torch.where(counted, k, 0.0).sum()
+                totals[_KL] += torch.where(counted, w_c * k, 0.0).sum()
+                if kl_coef != 0.0:
+                    g_lp = g_lp + torch.where(counted, (kl_coef * w_c) * dk, 0.0)
+            g_ent = w_c * -entropy_coef
+            g_logits = torch.ops.rlhf_kernels.logprobs_bwd(
+                logits, y, g_lp.unsqueeze(0), g_ent.unsqueeze(0), row_max, log_norm, ent, inv_t, ignore, be
+            )[0]  # (C, V), dtype of the logits
+            del logits
+            grads.add_chunk(s, e, g_logits)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads.result()))
+        ctx.mark_non_differentiable(totals)
+        loss = totals[_PPO] + kl_coef * totals[_KL] - entropy_coef * totals[_ENT]
+        return loss, totals
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_totals):
+        grad_h, grad_w, grad_b = (
+            g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad)
+        )
+        return (
+            grad_h,  # hidden
+            grad_w,  # weight
+            grad_b,  # bias
+            None,  # labels
+            None,  # old
+            None,  # adv
+            None,  # ref
+            None,  # w
+            None,  # coefs
+            None,  # clips
+            None,  # kl_kind
+            None,  # inv_t
+            None,  # ignore
+            None,  # chunk
+            None,  # be
+        )
+
+
+def fused_linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    check: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO / GRPO policy loss from the policy's last hidden states and LM head, gradients computed in one sweep.
+
+    loss = agg(clipped surrogate) + kl_coef * agg(KL estimator ``kl_kind`` against ``ref_logprobs``)
+           - entropy_coef * agg(entropy),
+    with log-probs and entropy of softmax((hidden @ weight.T + bias) / temperature) at ``labels``; each term as in
+    :func:`rlhf_kernels.ppo_policy_loss`, :func:`rlhf_kernels.kl_penalty` and :func:`rlhf_kernels.aggregate_loss`.
+
+    Args:
+        hidden: ``(..., T, H)``; ``hidden[..., t, :]`` predicts ``labels[..., t]`` (shift inputs by one first).
+        weight: ``(V, H)`` LM head; ``bias``: optional ``(V,)``; one float dtype.
+        labels: ``(..., T)`` int: the sampled tokens. Values outside ``mask`` are not used.
+        old_logprobs: ``(..., T)`` log-probs at sampling time. advantages: ``(..., T)`` per token (PPO), or
+            ``(...)`` per sequence (GRPO), broadcast over the mask.
+        mask: ``(..., T)`` bool or 0/1: the response tokens.
+        ref_logprobs: ``(..., T)`` reference log-probs; required when ``kl_coef`` is non-zero (the KL-in-loss
+            form of GRPO). kl_kind: ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``.
+        clip_low, clip_high, dual_clip, agg: as in :func:`rlhf_kernels.ppo_policy_loss`.
+        chunk_size: tokens per chunk (default :func:`rlhf_kernels.ops._linear.default_chunk_size`).
+        check: verify labels at masked positions lie in [0, V) (one host sync).
+
+    Returns ``(loss, stats)``: 0-dim fp32 ``loss`` differentiable with respect to ``hidden``, ``weight`` and
+    ``bias``; detached ``stats``: ``policy/clipfrac``, ``policy/approxkl``, ``policy/clipfrac_lower``,
+    ``policy/entropy`` (mean over masked tokens), ``policy/kl`` (mean ``kl_kind`` estimate over masked tokens;
+    only with ``ref_logprobs``) and ``policy/max_abs_log_ratio`` (largest |log pi - log pi_old| over masked
+    tokens: 0 at the first mini-batch of an update when the rollout log-probs are reproduced exactly).
+
+    The gradients are computed during the forward pass (three GEMMs per chunk, no recomputation) and saved;
+    ``backward`` scales them by the incoming gradient, once (a second backward through the same graph, as with
+    ``retain_graph=True``, sees the same saved gradients). grad_weight is accumulated in fp32 across chunks and
+    saved in the weight's dtype.
+    """
+    check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (..., T, H), got {tuple(hidden.shape)}")
+    tok_shape = hidden.shape[:-1]
+    check_labels(labels, tok_shape, hidden.device)
+    others = {"old_logprobs": old_logprobs, "advantages": advantages}
+    if ref_logprobs is not None:
+        others["ref_logprobs"] = ref_logprobs
+    m = check_token_inputs("old_logprobs", old_logprobs, others, mask)
+    if old_logprobs.shape != tok_shape or (ref_logprobs is not None and ref_logprobs.shape != tok_shape):
+        raise ValueError(
+            f"old_logprobs and ref_logprobs must have the token shape {tuple(tok_shape)} of hidden (..., T, H)"
+        )
+    check_clip(clip_low, clip_high, dual_clip)
+    check_agg(agg)
+    check_kl_kind(kl_kind)
+    temperature = check_temperature(temperature)
+    check_chunk_size(chunk_size)
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef is non-zero but ref_logprobs is None: pass the reference log-probs")
+    V, H = weight.shape
+    y = torch.where(m, labels.to(torch.int64), ignore_index)  # tokens outside the mask are skipped by the kernels
+    name = resolve_backend(backend, hidden.device)
+    if check and not torch.compiler.is_compiling():
+        check_label_range(y, V, ignore_index)
+        if bool((m & (labels == ignore_index)).any()):
+            raise ValueError(f"mask selects a position whose label is ignore_index={ignore_index}")
+    if name == "reference":
+        return reference.fused_linear_ppo_loss(
+            hidden, weight, y, old_logprobs, advantages, m, bias, ref_logprobs, kl_coef, kl_kind, entropy_coef,
+            temperature, clip_low, clip_high, dual_clip, agg, ignore_index,
+        )  # fmt: skip
+    h = hidden.reshape(-1, H)
+    N = h.shape[0]
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(N, V, H)
+    ref = None if ref_logprobs is None else tokens_fp32(ref_logprobs, tok_shape)
+    loss, totals = FusedLinearPPOLossFunction.apply(
+        h, weight, bias, y.reshape(-1).contiguous(), tokens_fp32(old_logprobs, tok_shape),
+        tokens_fp32(advantages, tok_shape), ref, aggregation_weights(m, agg).reshape(-1),
+        (float(kl_coef), float(entropy_coef)), (float(clip_low), float(clip_high), float(dual_clip or 0.0)),
+        kl_kind, 1.0 / temperature, int(ignore_index), max(chunk, 1), name,
+    )  # fmt: skip
+    count = m.sum().clamp_min(1).to(torch.float32)
+    stats = {
+        "policy/clipfrac": totals[_CLIPPED] / count,
+        "policy/approxkl": totals[_LOG_RATIO] / count,
+        "policy/clipfrac_lower": totals[_LOWER] / count,
+        "policy/entropy": totals[_ENT_SUM] / count,
+        "policy/max_abs_log_ratio": totals[_MAX_DEV],
+    }
+    if ref is not None:
+        stats["policy/kl"] = totals[_KL_SUM] / count
+    return loss, stats
