@@ -216,10 +216,7 @@ def ppo_value_loss(
     dtype = torch.promote_types(_upcast(values).dtype, _upcast(old_values).dtype)
     v, old, ret = (_masked_out(x, mask, dtype) for x in (values, old_values.detach(), returns.detach()))
     unclipped = (v - ret).square()
-    if clip is None:
-        clipped = unclipped
-    else:
-        clipped = (torch.minimum(torch.maximum(v, old - clip), old + clip) - ret).square()
+    clipped = unclipped if clip is None else (torch.minimum(torch.maximum(v, old - clip), old + clip) - ret).square()
     per_token = 0.5 * torch.maximum(unclipped, clipped)
     stats = {"val/clipfrac": _masked_mean((clipped > unclipped).to(dtype), mask)}
     return aggregate_loss(per_token, mask, agg), stats

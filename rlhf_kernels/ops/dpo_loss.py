@@ -206,4 +206,3 @@ def fused_linear_dpo_loss(
     seq = sequence_logps(token_lp, labels, ignore_index, average_log_prob)
     B = hidden.shape[0] // 2
     return dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **dpo_options)
-

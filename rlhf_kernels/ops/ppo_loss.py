@@ -128,7 +128,12 @@ def ppo_policy_fwd(
 
 @torch.library.custom_op("rlhf_kernels::ppo_value_fwd", mutates_args=())
 def ppo_value_fwd(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, weight: torch.Tensor, clip: float, backend: str
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    weight: torch.Tensor,
+    clip: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) x4 fp32 -> (weight * dl/dvalues (N,), sums (2,)); ``clip`` may be inf (no clipping)."""
     args = (values, old_values, returns, weight, clip)
