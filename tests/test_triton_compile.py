@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 from rlhf_kernels.ops.gae import _gae_kernel
 from rlhf_kernels.ops.kl import _kl_bwd_kernel, _kl_fwd_kernel
 from rlhf_kernels.ops.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel
+from rlhf_kernels.ops.ppo_loss import _ppo_policy_fwd_kernel, _ppo_value_fwd_kernel
 
 arch = int(sys.argv[1])
 f32, lp = "*fp32", "*bf16"
@@ -48,6 +49,13 @@ cases = [
      dict(r_ptr=lp, v_ptr=lp, m_ptr="*i1", adv_ptr=f32, ret_ptr=f32, stats_ptr=f32, T="i32", gamma="fp32",
           gamma_lam="fp32"),
      [dict(BLOCK_T=b) for b in (16, 1024)]),
+    (_ppo_policy_fwd_kernel,
+     dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, w_ptr=f32, grad_ptr=f32, part_ptr=f32, N="i64", clip_low="fp32",
+          clip_high="fp32", dual_clip="fp32"),
+     [dict(BLOCK=1024)]),
+    (_ppo_value_fwd_kernel,
+     dict(v_ptr=f32, old_ptr=f32, ret_ptr=f32, w_ptr=f32, grad_ptr=f32, part_ptr=f32, N="i64", clip="fp32"),
+     [dict(BLOCK=1024)]),
 ]
 for fn, sig, variants in cases:
     for cx in variants:
@@ -64,4 +72,4 @@ def test_triton_kernels_compile_for_gpu(arch):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated to silence triton's notice
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 11
+    assert proc.stdout.count("ok ") == 13
