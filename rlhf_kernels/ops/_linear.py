@@ -77,3 +77,15 @@ class LinearGrads:
         grad_w = None if self.grad_w is None else self.grad_w.to(self.weight.dtype)
         grad_b = None if self.grad_b is None else self.grad_b.to(self.bias.dtype)
         return self.grad_h, grad_w, grad_b
+
+
+def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows that need computing (``keep``: (N,) bool), or None when that is every row.
+
+    The fused-linear ops run their GEMMs on these rows only: prompt and padding tokens (often half of a batch)
+    then cost nothing. Finding them is one host sync; under torch.compile (no data-dependent shapes) every row
+    is computed instead, the skipped ones giving zeros as usual."""
+    if torch.compiler.is_compiling():
+        return None
+    idx = keep.nonzero().squeeze(1)
+    return None if idx.numel() == keep.numel() else idx

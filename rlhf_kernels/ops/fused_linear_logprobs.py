@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, kept_rows
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -91,7 +91,8 @@ def fused_linear_logprobs(
 
     Returns fp32 ``logprobs`` of shape ``(...)``, or ``(logprobs, entropy)``. Gradients flow to ``hidden``,
     ``weight`` and ``bias`` (returned in their dtypes; weight and bias gradients are summed in fp32). The full
-    ``(N, V)`` logits are never materialised: peak extra memory is O(chunk_size x V).
+    ``(N, V)`` logits are never materialised: peak extra memory is O(chunk_size x V). Rows whose label is
+        ``ignore_index`` (prompt, padding) are left out of the GEMMs (one host sync finds them).
 
     Example::
 
@@ -111,9 +112,14 @@ def fused_linear_logprobs(
     else:
         h = hidden.reshape(-1, H)  # (N, H)
         y = labels.reshape(-1).to(torch.int64).contiguous()  # (N,)
+        idx = kept_rows(y != ignore_index)
+        if idx is not None:  # GEMMs on the labelled rows only
+            h, y = h.index_select(0, idx), y.index_select(0, idx)
         chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
         lp, ent = FusedLinearLogprobsFunction.apply(
             h, weight, bias, y, 1.0 / temperature, int(ignore_index), max(chunk, 1), name
         )
+        if idx is not None:  # ignored rows: 0 (differentiable scatter back)
+            lp, ent = (x.new_zeros(labels.numel()).index_copy(0, idx, x) for x in (lp, ent))
         lp, ent = lp.view(labels.shape), ent.view(labels.shape)
     return (lp, ent) if return_entropy else lp

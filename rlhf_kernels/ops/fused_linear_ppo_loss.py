@@ -9,7 +9,8 @@ log-prob and entropy is known as soon as that token's log-prob is. Per chunk of 
   4. turns those per-token gradients into logit gradients (the log-prob backward kernel),
   5. applies them: grad_hidden (GEMM 2) and grad_weight (GEMM 3, accumulated in fp32).
 No chunk's logits are computed twice (the unfused path needs four GEMMs per chunk) and nothing of size
-(tokens x vocab) outlives a chunk. The backward only scales the saved gradients by the incoming gradient.
+(tokens x vocab) outlives a chunk. Tokens outside the mask are left out of the GEMMs altogether. The backward
+only scales the saved gradients by the incoming gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, kept_rows
 from .kl_penalty import check_kl_kind, kl_penalty_and_grad
 from .ppo_loss import aggregation_weights, check_agg, check_clip, check_token_inputs, tokens_fp32
 
@@ -182,12 +183,17 @@ def fused_linear_ppo_loss(
             temperature, clip_low, clip_high, dual_clip, agg, ignore_index,
         )  # fmt: skip
     h = hidden.reshape(-1, H)
-    N = h.shape[0]
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(N, V, H)
+    y = y.reshape(-1).contiguous()
+    old, adv = tokens_fp32(old_logprobs, tok_shape), tokens_fp32(advantages, tok_shape)
     ref = None if ref_logprobs is None else tokens_fp32(ref_logprobs, tok_shape)
+    w = aggregation_weights(m, agg).reshape(-1)
+    idx = kept_rows(m.reshape(-1))
+    if idx is not None:  # GEMMs on the masked tokens only; autograd scatters grad_hidden back
+        h, y, old, adv, w = (x.index_select(0, idx) for x in (h, y, old, adv, w))
+        ref = None if ref is None else ref.index_select(0, idx)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
     loss, totals = FusedLinearPPOLossFunction.apply(
-        h, weight, bias, y.reshape(-1).contiguous(), tokens_fp32(old_logprobs, tok_shape),
-        tokens_fp32(advantages, tok_shape), ref, aggregation_weights(m, agg).reshape(-1),
+        h, weight, bias, y, old, adv, ref, w,
         (float(kl_coef), float(entropy_coef)), (float(clip_low), float(clip_high), float(dual_clip or 0.0)),
         kl_kind, 1.0 / temperature, int(ignore_index), max(chunk, 1), name,
     )  # fmt: skip
