@@ -13,7 +13,8 @@ Backends: Triton (GPU), CUDA C++ and CPU C++ (``rlhf_kernels._C``, optional), an
 
 from . import reference
 from ._backend import BACKENDS, available_backends, backend_status
-from .ops.dpo_loss import DPO_LOSS_TYPES, dpo_loss, fused_linear_dpo_loss
+from .ops.dpo_loss import DPO_LOSS_TYPES, dpo_loss
+from .ops.fused_linear_dpo_loss import fused_linear_dpo_loss
 from .ops.fused_linear_kl import fused_linear_kl
 from .ops.fused_linear_logprobs import fused_linear_logprobs
 from .ops.fused_linear_ppo_loss import fused_linear_ppo_loss

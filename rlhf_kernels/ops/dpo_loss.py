@@ -1,10 +1,10 @@
-"""The DPO family of preference losses, from sequence log-probs or fused with the LM head.
+"""The DPO family of preference losses, from sequence log-probs.
 
 With h = (pi_c - ref_c) - (pi_r - ref_r), the difference of the policy's and the reference's log-likelihood
 margins between the chosen and the rejected response (https://arxiv.org/abs/2305.18290), each loss type is a
 scalar function of h (or of the two log-ratios) per pair, then the mean over pairs. The loss itself is a few
 elementwise ops on (B,) tensors; the cost lies in the sequence log-probs, which
-:func:`fused_linear_dpo_loss` computes chunk by chunk from the last hidden states without materialising logits.
+:func:`rlhf_kernels.fused_linear_dpo_loss` computes from the last hidden states without materialising logits.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._utils import check_labels
-from .fused_linear_logprobs import fused_linear_logprobs
 from .ppo_loss import _float_tensor
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo")
@@ -37,7 +35,7 @@ def check_dpo_options(beta: float, loss_type: str, label_smoothing: float, gamma
         raise ValueError(f"gamma (the target reward margin) applies to the simpo loss only, not {loss_type!r}")
 
 
-def _pair_losses(chosen_ratio, rejected_ratio, beta: float, loss_type: str, eps: float, gamma: float):
+def pair_losses(chosen_ratio, rejected_ratio, beta: float, loss_type: str, eps: float, gamma: float):
     """Per-pair loss (B,) from the log-ratios log(pi / ref) of the chosen and rejected responses."""
     if loss_type == "apo_zero":
         return 1.0 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
@@ -104,33 +102,41 @@ def dpo_loss(
             f"policy_chosen_logps and policy_rejected_logps must be (B,) of one shape, got {tuple(pc.shape)} and "
             f"{tuple(pr.shape)}"
         )
-    no_ref = reference_free or loss_type == "simpo"
-    for name, x in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if x is None:
-            if not no_ref:
-                raise ValueError(f"{name} is required unless reference_free=True or loss_type='simpo'")
-            continue
-        if _float_tensor(name, x).shape != pc.shape:
-            raise ValueError(f"{name} shape {tuple(x.shape)} does not match policy log-probs {tuple(pc.shape)}")
-        if x.device != pc.device:
-            raise ValueError(f"{name} is on {x.device} but the policy log-probs are on {pc.device}")
     dtype = torch.promote_types(pc.dtype, torch.float32)
+    rc, rr = reference_logps(ref_chosen_logps, ref_rejected_logps, pc, reference_free or loss_type == "simpo", dtype)
     pc, pr = pc.to(dtype), pr.to(dtype)
-    rc = 0.0 if no_ref else ref_chosen_logps.detach().to(dtype)
-    rr = 0.0 if no_ref else ref_rejected_logps.detach().to(dtype)
-    losses = _pair_losses(pc - rc, pr - rr, beta, loss_type, label_smoothing, gamma)
-    with torch.no_grad():
-        chosen = beta * (pc.detach() - rc)
-        rejected = beta * (pr.detach() - rr)
-        stats = {
-            "rewards/chosen": chosen.mean(),
-            "rewards/rejected": rejected.mean(),
-            "rewards/margins": (chosen - rejected).mean(),
-            "rewards/accuracies": (chosen > rejected).to(dtype).mean(),
-            "logps/chosen": pc.detach().mean(),
-            "logps/rejected": pr.detach().mean(),
-        }
-    return losses.mean(), stats
+    losses = pair_losses(pc - rc, pr - rr, beta, loss_type, label_smoothing, gamma)
+    return losses.mean(), dpo_stats(pc, pr, rc, rr, beta)
+
+
+def reference_logps(ref_chosen, ref_rejected, policy: torch.Tensor, no_ref: bool, dtype: torch.dtype):
+    """The reference sequence log-probs (checked against the policy's (B,) shape and device) in ``dtype``, or
+    zeros when the loss uses no reference."""
+    if no_ref:
+        zero = torch.zeros(policy.shape, dtype=dtype, device=policy.device)
+        return zero, zero
+    for name, x in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)):
+        if x is None:
+            raise ValueError(f"{name} is required unless reference_free=True or loss_type='simpo'")
+        if _float_tensor(name, x).shape != policy.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} does not match policy log-probs {tuple(policy.shape)}")
+        if x.device != policy.device:
+            raise ValueError(f"{name} is on {x.device} but the policy log-probs are on {policy.device}")
+    return ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)
+
+
+@torch.no_grad()
+def dpo_stats(pc, pr, rc, rr, beta: float) -> dict[str, torch.Tensor]:
+    """Batch means of the implicit rewards beta * log(pi / ref) and of the policy log-probs, detached."""
+    chosen, rejected = beta * (pc.detach() - rc), beta * (pr.detach() - rr)
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+        "logps/chosen": pc.detach().mean(),
+        "logps/rejected": pr.detach().mean(),
+    }
 
 
 def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: bool) -> torch.Tensor:
@@ -139,70 +145,3 @@ def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, ignore_index
     if not average:
         return total
     return total / (labels != ignore_index).sum(-1).clamp_min(1).to(total.dtype)
-
-
-def fused_linear_dpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
-    *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    average_log_prob: bool | None = None,
-    chunk_size: int | None = None,
-    backend: str | None = None,
-    check: bool = True,
-    **dpo_options,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO-family loss straight from the policy's last hidden states and LM head, never materialising logits.
-
-    Args:
-        hidden: ``(2B, T, H)``: the B chosen sequences first, then the B rejected ones, in the same pair order.
-            ``hidden[:, t]`` predicts ``labels[:, t]`` (shift inputs by one before calling, as for
-            :func:`rlhf_kernels.fused_linear_logprobs`).
-        weight: ``(V, H)`` LM head; ``bias``: optional ``(V,)``.
-        labels: ``(2B, T)`` int: the response tokens, ``ignore_index`` on prompt and padding.
-        ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed reference sequence log-probs, summed or
-            averaged the same way as the policy's.
-        average_log_prob: average the token log-probs over each response instead of summing them. ``None``
-            (default): what the loss type is defined on (averaged for ``"ipo"`` and ``"simpo"``, summed otherwise).
-        dpo_options: ``beta``, ``loss_type``, ``label_smoothing``, ``gamma``, ``reference_free`` as in
-            :func:`dpo_loss`.
-        check: verify that every sequence has at least one response token (one host sync).
-
-    Returns ``(loss, stats)`` as :func:`dpo_loss`, equal to ``dpo_loss`` applied to the sums (or means) of
-    :func:`fused_linear_logprobs`. Gradients flow to ``hidden``, ``weight`` and ``bias``: the forward keeps O(2B T)
-    statistics; the backward recomputes each chunk's logits.
-    """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] % 2:
-        raise ValueError(
-            f"hidden must be (2B, T, H) with the chosen sequences first, got {getattr(hidden, 'shape', hidden)}"
-        )
-    check_labels(labels, hidden.shape[:-1], hidden.device)
-    check_dpo_options(
-        dpo_options.get("beta", 0.1),
-        dpo_options.get("loss_type", "sigmoid"),
-        dpo_options.get("label_smoothing", 0.0),
-        dpo_options.get("gamma", 0.0),
-    )
-    unknown = set(dpo_options) - {"beta", "loss_type", "label_smoothing", "gamma", "reference_free"}
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-    if check and not torch.compiler.is_compiling():
-        empty = ((labels != ignore_index).sum(-1) == 0).nonzero()
-        if empty.numel():
-            raise ValueError(
-                f"sequence {int(empty[0, 0])} of labels has no response token (all {ignore_index}); "
-                f"{empty.numel()} such sequences. A DPO pair needs a non-empty chosen and rejected response."
-            )
-    if average_log_prob is None:
-        average_log_prob = dpo_options.get("loss_type", "sigmoid") in AVERAGED_LOSS_TYPES
-    token_lp = fused_linear_logprobs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
-        check=check,
-    )  # (2B, T) fp32  # fmt: skip
-    seq = sequence_logps(token_lp, labels, ignore_index, average_log_prob)
-    B = hidden.shape[0] // 2
-    return dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **dpo_options)
