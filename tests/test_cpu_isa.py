@@ -1,5 +1,5 @@
 """The CPU backend's generic and AVX2 code paths (selected at run time) pass the same tests as the default one
-(log-probs, KL, GAE)."""
+(log-probs, KL, GAE, PPO losses)."""
 
 import os
 import subprocess
@@ -18,7 +18,8 @@ def test_cpu_isa_variant(isa):
     )
     selection = f"cpu and ({kinds} or identical)"
     here = os.path.dirname(__file__)
-    files = [os.path.join(here, f) for f in ("test_logprobs.py", "test_kl.py", "test_gae.py")]
+    names = ("test_logprobs.py", "test_kl.py", "test_gae.py", "test_ppo_loss_ops.py")
+    files = [os.path.join(here, f) for f in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     proc = subprocess.run([*cmd, "-k", selection], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

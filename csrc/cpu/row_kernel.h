@@ -1,4 +1,4 @@
-// Pieces shared by the row-wise CPU kernels (logprobs.cpp, kl.cpp):
+// Pieces shared by the row-wise CPU kernels (logprobs.cpp, kl.cpp, ppo_loss.cpp):
 //   * kNaN / kNegInf;
 //   * kLanes-wide accumulators reduced in a fixed pairwise order (lanes_sum / lanes_max), so that a row's result
 //     depends only on its length, never on alignment, batch or thread count (batch invariance);
@@ -21,8 +21,10 @@ constexpr int kLanes = 32;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();  // independent accumulators per row (2 zmm / 4 ymm registers)
 
-// Fixed-order pairwise reductions of kLanes values (order independent of everything but kLanes).
-RLHF_INLINE float lanes_sum(float* v) {
+// Fixed-order pairwise reductions of kLanes values (order independent of everything but kLanes); lanes_sum
+// serves fp32 and fp64 lanes.
+template <typename T>
+RLHF_INLINE T lanes_sum(T* v) {
   for (int w = kLanes / 2; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) v[j] += v[j + w];
   return v[0];
