@@ -177,9 +177,10 @@ def fused_linear_ppo_loss(
         check_label_range(y, V, ignore_index)
         if bool((m & (labels == ignore_index)).any()):
             raise ValueError(f"mask selects a position whose label is ignore_index={ignore_index}")
-    if name == "reference":
+    if name == "reference":  # the reference takes (..., T) advantages: broadcast per-sequence ones (GRPO) first
+        adv = advantages if advantages.shape == tok_shape else advantages.unsqueeze(-1).expand(tok_shape)
         return reference.fused_linear_ppo_loss(
-            hidden, weight, y, old_logprobs, advantages, m, bias, ref_logprobs, kl_coef, kl_kind, entropy_coef,
+            hidden, weight, y, old_logprobs, adv, m, bias, ref_logprobs, kl_coef, kl_kind, entropy_coef,
             temperature, clip_low, clip_high, dual_clip, agg, ignore_index,
         )  # fmt: skip
     h = hidden.reshape(-1, H)
