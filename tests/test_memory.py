@@ -1,7 +1,10 @@
 """No fp32 (N, V) tensor is ever allocated by the forward or backward of the kernel backends (CPU profiler)."""
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, KERNEL_BACKENDS
 
 import rlhf_kernels
@@ -11,6 +14,30 @@ def _largest_allocation(fn) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max((e.self_cpu_memory_usage for e in prof.events()), default=0)  # single allocations
+
+
+def _peak_allocated(fn, tmp_path) -> int:
+    """Peak of the bytes allocated (net of frees) while ``fn`` runs. The trace records every allocation and free
+    with the profiler's running total, whose starting value carries over from earlier profiling sessions: the
+    baseline is the total before the first event."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    mem = sorted((e["args"] for e in events if e.get("name") == "[memory]"), key=lambda a: a["Ev Idx"])
+    if not mem:
+        return 0
+    baseline = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(a["Total Allocated"] for a in mem) - baseline
+
+
+def _has_ppo_kernel(backend: str) -> bool:
+    try:
+        return backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
+            "rlhf_kernels_C::ppo_policy_fwd", {"cpu": "CPU", "cuda": "CUDA"}[backend]
+        )
+    except RuntimeError:  # an older build of _C without the schema
+        return False
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocations are profiled here; GPU memory in benchmarks")
@@ -77,3 +104,38 @@ def test_fused_linear_kl_peak_is_one_chunk(backend):
     step()
     biggest = _largest_allocation(step)
     assert biggest <= max(chunk * V * 4, V * H * 4), f"an allocation of {biggest} bytes exceeds one chunk"
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocations are profiled here; GPU memory in benchmarks")
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if _has_ppo_kernel(b)])
+def test_fused_linear_ppo_loss_peak_vs_unfused(backend, tmp_path):
+    N, V, H, chunk = 512, 4096, 32, 32
+    h = torch.randn(N, H, requires_grad=True)
+    w = (torch.randn(V, H) / 4).requires_grad_()
+    y = torch.randint(0, V, (N,))
+    old, adv, mask = torch.randn(N) - 8, torch.randn(N), torch.rand(N) > 0.1
+
+    def fused():
+        loss, _ = rlhf_kernels.fused_linear_ppo_loss(
+            h, w, y, old, adv, mask, entropy_coef=0.01, chunk_size=chunk, backend=backend
+        )
+        loss.backward()
+
+    def unfused():  # full (N, V) logits -> log-probs and entropy -> PPO loss (our kernels on full logits)
+        lp, ent = rlhf_kernels.logprobs(F.linear(h, w), y, return_entropy=True, backend=backend)
+        loss, _ = rlhf_kernels.ppo_policy_loss(lp, old, adv, mask, backend=backend)
+        (loss - 0.01 * rlhf_kernels.aggregate_loss(ent, mask)).backward()
+
+    hs, ys, olds, advs, ms = (x[:8] for x in (h, y, old, adv, mask))  # warm-up (kernels, caches), small shape
+    rlhf_kernels.fused_linear_ppo_loss(hs, w, ys, olds, advs, ms, chunk_size=4, backend=backend)[0].backward()
+    peaks = {}
+    for fn in (fused, unfused):
+        h.grad = w.grad = None
+        peaks[fn.__name__] = _peak_allocated(fn, tmp_path)
+    logits = N * V * 4
+    assert peaks["unfused"] >= 2 * logits  # the profiler sees the full fp32 logits and their gradient
+    # the fused op holds one chunk's logits and their gradient, the weight gradient (fp32 accumulator and result)
+    # and O(N H) hidden-sized buffers: never anything of N x V
+    assert peaks["fused"] <= 2 * chunk * V * 4 + 2 * V * H * 4 + 4 * N * H * 4, peaks
+    # so relative to the unfused path's 2 N V: (chunk + H) / N (logits chunk and weight gradient) + 2 H / V
+    assert peaks["fused"] / peaks["unfused"] <= (chunk + H) / N + 2 * H / V, peaks
