@@ -285,6 +285,8 @@ def fused_linear_ppo_loss(
     lp, ent = fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
     loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, m, clip_low, clip_high, dual_clip, agg)
     stats["policy/entropy"] = _masked_mean(ent.detach(), m)
+    dev = (lp.detach() - _masked_out(old_logprobs.detach(), m, lp.dtype)).abs()
+    stats["policy/max_abs_log_ratio"] = torch.where(m, dev, torch.zeros((), dtype=dev.dtype, device=dev.device)).amax()
     loss = loss - entropy_coef * aggregate_loss(ent, m, agg)
     if ref_logprobs is not None:
         kl = kl_penalty_from_delta(lp - _masked_out(ref_logprobs.detach(), m, lp.dtype), kl_kind)

@@ -147,8 +147,6 @@ def test_matches_composition_and_reference(backend, case, dtype):
         assert torch.allclose(ours_stats[k], comp_stats[k].float(), rtol=1e-4, atol=ATOL[dtype]), k
         if dtype == torch.float32:
             assert ours_stats[k].item() == pytest.approx(ref_stats[k].item(), rel=1e-4, abs=1e-5), k
-    if backend == "reference":  # lacks policy/max_abs_log_ratio: see test_reference_backend_reports_every_stat
-        return
     with torch.no_grad():  # max |lp - old| over the masked tokens, from the same backend's log-probs
         lp = rlhf_kernels.fused_linear_logprobs(
             hidden, weight, torch.where(mask, labels, -100), bias=bias, temperature=o["temperature"], backend=backend
@@ -213,7 +211,6 @@ def test_first_minibatch_stats(backend, chunk_size):
     assert loss.item() == pytest.approx(-adv[mask].mean().item(), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="reference.fused_linear_ppo_loss returns no policy/max_abs_log_ratio")
 def test_reference_backend_reports_every_stat():
     """Every backend returns the documented statistics (a trainer logging them must not depend on the backend)."""
     hidden, weight, bias, labels, old, adv, mask, ref = make_batch(torch.float32)
