@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_error
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_kernels
 
@@ -152,6 +154,119 @@ def test_bad_inputs():
         rlhf_kernels.gae(r, r, m, lam=-0.1)
     with pytest.raises(ValueError, match="selects 0 elements"):
         rlhf_kernels.gae(r, r, torch.zeros_like(m), whiten=True)
+
+
+# The CPU kernel runs groups of rows side by side in vector lanes (16 rows on AVX-512, 8 on AVX2) and the rows
+# left over (B % 16, B % 8) one at a time; a batch of one row always takes the one-row path. Each lane repeats
+# the one-row arithmetic exactly, so every row must come out bitwise the same either way, in any lane.
+needs_cpu_kernel = pytest.mark.skipif(
+    "cpu" not in rlhf_kernels.available_backends("cpu"), reason="needs the compiled CPU backend"
+)
+
+
+def bits(x):
+    return x.contiguous().view(torch.int32)
+
+
+def same_bits_or_both_nan(a, b):
+    """Bitwise equal, except that two NaNs match whatever their payloads: where two different NaNs meet in one
+    addition, which one comes out depends on the operand order the compiler picked, also in the one-row path."""
+    return bool(((bits(a) == bits(b)) | (a.isnan() & b.isnan())).all())
+
+
+def row_pool(n, T, dtype, seed):
+    """n rows of the kinds the lanes must reproduce: holes, right and left padding of every length (so the first
+    masked step from the end falls anywhere in a tile, or in the T % G tail), fully masked and fully unmasked rows,
+    large per-row offsets (advantages far from 0, whose fp64 statistics depend on the shift being the row's first
+    advantage down to the last fp32 bit)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(n, T, generator=g) * 3 + 1e4 * torch.rand(n, 1, generator=g)
+    values = torch.randn(n, T, generator=g) + 40 * torch.rand(n, 1, generator=g)
+    mask = torch.rand(n, T, generator=g) > 0.3
+    t, lengths, kind = torch.arange(T), torch.randint(0, T + 1, (n, 1), generator=g), torch.arange(n) % 5
+    mask[kind == 1] = (t < lengths)[kind == 1]
+    mask[kind == 2] = (t >= lengths)[kind == 2]
+    mask[kind == 3] = False
+    mask[kind == 4] = True
+    return rewards.to(dtype), values.to(dtype), mask
+
+
+def cpu_gae_fwd(r, v, m, gamma=0.99, lam=0.95):
+    return torch.ops.rlhf_kernels.gae_fwd(r, v, m, gamma, lam, "cpu")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 7, 16, 33, 100, 517])
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.0, 0.9)])  # gamma = 0: advantages = r - V, no decay
+def test_cpu_lane_groups_bitwise_identical_to_single_rows(dtype, T, gamma, lam):
+    r, v, m = row_pool(64, T, dtype, seed=T)
+    alone = [cpu_gae_fwd(r[i : i + 1], v[i : i + 1], m[i : i + 1], gamma, lam) for i in range(64)]
+    g = torch.Generator().manual_seed(1)
+    for B in (1, 7, 16, 17, 37, 64):
+        rows = torch.randperm(64, generator=g)[:B]  # a row sits in a different lane (or the rest) for each B
+        batch = cpu_gae_fwd(r[rows], v[rows], m[rows], gamma, lam)
+        for k, i in enumerate(rows.tolist()):
+            for name, got, want in zip(("advantages", "returns", "stats"), batch, alone[i]):
+                assert torch.equal(bits(got[k]), bits(want[0])), f"B={B}: row {i} at position {k}, {name}"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_lane_conversion_of_every_half_identical(dtype):
+    """Every fp16 / bf16 bit pattern (subnormals, signed zeros, infinities, NaNs) as values and as rewards: the
+    lanes widen whole vectors with integer steps, the one-row path element by element."""
+    pattern = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(32, 2048)
+    shuffled = pattern.flatten()[torch.randperm(pattern.numel())].reshape(pattern.shape)
+    mask = torch.rand(pattern.shape) > 0.1
+    for r, v in ((shuffled, pattern), (pattern, torch.randn(pattern.shape).to(dtype))):
+        batch = cpu_gae_fwd(r, v, mask)
+        for i in range(0, 32, 5):
+            alone = cpu_gae_fwd(r[i : i + 1], v[i : i + 1], mask[i : i + 1])
+            for got, want in zip(batch, alone):
+                assert same_bits_or_both_nan(got[i], want[0]), f"row {i}"
+
+
+@needs_cpu_kernel
+def test_cpu_thread_count_bitwise_identical():
+    r, v, m = row_pool(100, 700, torch.float32, seed=3)  # groups of rows and a rest, split over several tasks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_gae_fwd(r, v, m)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_gae_fwd(r, v, m)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(bits(a), bits(b))
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_eager_calls_skip_the_custom_op_layer(backend):
+    """Eager calls run the kernels directly (the custom-op layer costs ~20 us per call); under a dispatch mode,
+    as under torch.compile, the call stays one rlhf_kernels.gae_fwd op."""
+    r, v = torch.randn(5, 40, device=DEVICE), torch.randn(5, 40, device=DEVICE).to(torch.bfloat16)
+    m = torch.rand(5, 40, device=DEVICE) > 0.3
+    adv, ret = rlhf_kernels.gae(r, v, m, gamma=0.99, lam=0.9, backend=backend)
+    op_adv, op_ret, _ = torch.ops.rlhf_kernels.gae_fwd(r, v.float(), m, 0.99, 0.9, backend)
+    assert torch.equal(adv, op_adv) and torch.equal(ret, op_ret)
+    with _RecordOps() as record:
+        rlhf_kernels.gae(r, v, m, gamma=0.99, lam=0.9, backend=backend)
+    assert "rlhf_kernels.gae_fwd.default" in record.ops, record.ops
+    with FakeTensorMode() as mode:
+        fake = rlhf_kernels.gae(mode.from_tensor(r), mode.from_tensor(v), mode.from_tensor(m), backend=backend)
+        assert fake[0].shape == (5, 40) and fake[1].dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,6 +14,7 @@ across blocks), which is all that whitening over the batch needs.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import reference
 from .._backend import load_ext, resolve_backend
@@ -97,15 +98,20 @@ def gae_triton(rewards, values, mask, gamma: float, lam: float):
     return adv, ret, stats
 
 
-@torch.library.custom_op("rlhf_kernels::gae_fwd", mutates_args=())
-def gae_fwd(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gae_fwd(rewards, values, mask, gamma: float, lam: float, backend: str):
     """(B, T) x3 -> fp32 advantages (B, T), returns (B, T), and per-row (count, mean, M2) of the advantages over
     masked positions (B, 3). ``backend``: triton | cuda | cpu."""
     if backend == "triton":
         return gae_triton(rewards, values, mask, gamma, lam)
     return tuple(torch.ops.rlhf_kernels_C.gae_fwd(rewards, values, mask, gamma, lam))
+
+
+@torch.library.custom_op("rlhf_kernels::gae_fwd", mutates_args=())
+def gae_fwd(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_gae_fwd` as one opaque op for torch.compile and dispatch modes."""
+    return _gae_fwd(rewards, values, mask, gamma, lam, backend)
 
 
 def _gae_fake(rewards, values, mask, gamma, lam, backend=None):
@@ -143,6 +149,13 @@ def _check_gae_args(rewards, values, mask, gamma, lam) -> torch.Tensor:
         if not (0.0 <= float(val) <= 1.0):
             raise ValueError(f"{name} must lie in [0, 1], got {val}")
     return bool_mask(mask, rewards.shape, rewards.device)
+
+
+def _kernel_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a contiguous ``dtype`` tensor outside autograd; x itself when it is one already (saves ~1.5 us)."""
+    if x.dtype == dtype and not x.requires_grad and x.is_contiguous():
+        return x
+    return x.detach().to(dtype).contiguous()
 
 
 def gae(
@@ -183,9 +196,12 @@ def gae(
     dtype = torch.promote_types(rewards.dtype, values.dtype)
     if dtype not in FLOAT_DTYPES:  # fp64: the kernels read fp32, bf16 or fp16
         dtype = torch.float32
-    r = rewards.detach().to(dtype).contiguous()
-    v = values.detach().to(dtype).contiguous()
-    adv, ret, stats = torch.ops.rlhf_kernels.gae_fwd(r, v, m.contiguous(), gamma, lam, name)
+    r, v = _kernel_input(rewards, dtype), _kernel_input(values, dtype)
+    args = (r, v, m.contiguous(), gamma, lam, name)
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        adv, ret, stats = torch.ops.rlhf_kernels.gae_fwd(*args)
+    else:  # eager: the same kernels without the custom-op layer, which costs ~20 us per call on CPU
+        adv, ret, stats = _gae_fwd(*args)
     if whiten:  # from the kernel's per-row statistics: no extra pass over the advantages for mean and variance
         adv = whiten_with(adv, *combine_row_stats(stats), shift_mean=True)
     return adv, ret
