@@ -286,10 +286,12 @@ void gae_fwd_rows(const GaeArgs<T>& p, int64_t B) {
     if (cpu_isa() == CpuIsa::kAvx2) fn = gae_rows_avx2<T>, lanes = 8;
   }
 #endif
-  // Tasks of whole groups with at least ~32k elements each, so that small batches stay on one thread.
-  const int64_t units = (B + lanes - 1) / lanes;
+  // Units of work: the groups of `lanes` rows, then each row left over (so that a few long rows still spread
+  // over the threads). Tasks get at least ~32k elements' worth of units: small batches stay on one thread.
+  const int64_t groups = B / lanes, units = groups + B % lanes;
+  const auto first_row = [&](int64_t u) { return u < groups ? u * lanes : groups * lanes + (u - groups); };
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (lanes * p.T_));
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) { fn(p, u0 * lanes, std::min(u1 * lanes, B)); });
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) { fn(p, first_row(u0), first_row(u1)); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_fwd_cpu(const at::Tensor& rewards, const at::Tensor& values,
