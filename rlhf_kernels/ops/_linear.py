@@ -89,3 +89,15 @@ def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
         return None
     idx = keep.nonzero().squeeze(1)
     return None if idx.numel() == keep.numel() else idx
+
+
+def save_linear_grads(ctx, grads: tuple) -> None:
+    """Save (grad_hidden, grad_weight, grad_bias), any of them None, computed in a forward pass."""
+    ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+
+
+def scaled_linear_grads(ctx, grad_loss: torch.Tensor) -> tuple:
+    """The saved (grad_hidden, grad_weight, grad_bias) scaled by the incoming gradient of a scalar loss."""
+    return tuple(
+        g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])
+    )

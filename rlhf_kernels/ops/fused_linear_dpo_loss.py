@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels
-from ._linear import _addmm_fp32, check_chunk_size, check_linear, default_chunk_size
+from ._linear import (
+    _addmm_fp32,
+    check_chunk_size,
+    check_linear,
+    default_chunk_size,
+    save_linear_grads,
+    scaled_linear_grads,
+)
 from .dpo_loss import (
     AVERAGED_LOSS_TYPES,
     check_dpo_options,
@@ -102,15 +109,13 @@ class FusedLinearDPOLossFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
         )
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        save_linear_grads(ctx, grads)
         ctx.mark_non_differentiable(seq)
         return loss, seq
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_seq):
-        grad_h, grad_w, grad_b = (
-            g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad)
-        )
+        grad_h, grad_w, grad_b = scaled_linear_grads(ctx, grad_loss)
         return (
             grad_h,  # hidden
             grad_w,  # weight

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, kept_rows
+from ._linear import (
+    LinearGrads,
+    check_chunk_size,
+    check_linear,
+    default_chunk_size,
+    kept_rows,
+    save_linear_grads,
+    scaled_linear_grads,
+)
 from .kl_penalty import check_kl_kind, kl_penalty_and_grad
 from .ppo_loss import aggregation_weights, check_agg, check_clip, check_token_inputs, tokens_fp32
 
@@ -67,16 +75,14 @@ class FusedLinearPPOLossFunction(torch.autograd.Function):
             )[0]  # (C, V), dtype of the logits
             del logits
             grads.add_chunk(s, e, g_logits)
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads.result()))
+        save_linear_grads(ctx, grads.result())
         ctx.mark_non_differentiable(totals)
         loss = totals[_PPO] + kl_coef * totals[_KL] - entropy_coef * totals[_ENT]
         return loss, totals
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
-        grad_h, grad_w, grad_b = (
-            g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad)
-        )
+        grad_h, grad_w, grad_b = scaled_linear_grads(ctx, grad_loss)
         return (
             grad_h,  # hidden
             grad_w,  # weight
