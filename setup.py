@@ -69,18 +69,32 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+TRAIN_REQUIRES = [
+    "transformers>=4.56",
+    "datasets>=3.0",
+    "tokenizers>=0.21",
+    "peft>=0.15",
+    "safetensors>=0.4",
+    "accelerate>=1.0",
+    "tqdm",
+    "pyyaml",
+    "matplotlib",
+]
 
 setup(
     name="rlhf-kernels",
     version="0.1.0",
-    description="Fused GPU/CPU kernels for LLM post-training (log-probs, entropy, KL, GAE, losses)",
-    packages=find_packages(include=["rlhf_kernels", "rlhf_kernels.*"]),
+    description="Fused kernels for LLM post-training (log-probs, KL, GAE, losses) and a training layer on them",
+    packages=find_packages(include=["rlhf_kernels", "rlhf_kernels.*", "rlhf", "rlhf.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "ruff"],
+        # the training layer (rlhf/): models, data, LoRA, configs, logging, plots
+        "train": TRAIN_REQUIRES,
     },
+    entry_points={"console_scripts": ["rlhf = rlhf.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

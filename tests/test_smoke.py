@@ -15,6 +15,20 @@ def test_every_module_imports():
     assert "rlhf_kernels.ops.logprobs" in names
 
 
+def test_every_training_module_imports():
+    """The training layer (needs the ``train`` extra) imports module by module; it never imports back the other way."""
+    import pytest
+
+    for dep in ("transformers", "datasets", "tokenizers", "peft", "yaml", "safetensors", "matplotlib", "tqdm"):
+        pytest.importorskip(dep)
+    import rlhf
+
+    names = [m.name for m in pkgutil.walk_packages(rlhf.__path__, "rlhf.")]
+    for name in names:
+        importlib.import_module(name)
+    assert {"rlhf.data", "rlhf.models", "rlhf.sft", "rlhf.reward", "rlhf.cli", "rlhf.train"} <= set(names)
+
+
 def test_backend_report():
     status = rlhf_kernels.backend_status("cpu")
     assert status["reference"] == "ok"

@@ -1,0 +1,1 @@
+"""rlhf: the training layer on rlhf_kernels."""

@@ -1,0 +1,75 @@
+"""The `rlhf` command: `rlhf <stage> [--config FILE] [--resume] [key=value ...]`.
+
+Each stage is a row of `STAGES`: its config class and the module whose `train(cfg, resume=...)` runs it. The module
+is imported only when the stage runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import RewardConfig, SFTConfig, config_help, load_config
+
+STAGES: dict[str, tuple[type, str]] = {
+    "sft": (SFTConfig, "rlhf.sft"),
+    "rm": (RewardConfig, "rlhf.reward"),
+}
+
+_USAGE_NOTE = """\
+options are set by --config FILE (YAML mapping of option: value), then by key=value arguments (these win).
+Booleans take true/false/yes/no/1/0; optional values take None.
+
+config options (name, type, default, meaning):
+"""
+
+
+def _summary(cls: type) -> str:
+    """First line of a config class docstring."""
+    return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subcommand per stage; each stage's help lists every config option."""
+    parser = argparse.ArgumentParser(prog="rlhf", description="Train language models with RLHF on rlhf_kernels.")
+    subparsers = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (cls, _) in STAGES.items():
+        sub = subparsers.add_parser(
+            name,
+            help=_summary(cls),
+            description=_summary(cls),
+            epilog=_USAGE_NOTE + config_help(cls),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("--config", metavar="FILE", help="YAML file of config options")
+        sub.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config option overrides")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; `key=value` words may appear anywhere after the stage (before or after the flags)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [word for word in extra if word.startswith("-") or "=" not in word]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `rlhf` command; returns the exit status (0 ok, 2 usage or config error)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse exits after --help (0) or a usage error (2)
+        return int(e.code or 0)
+    cls, module_name = STAGES[args.stage]
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+    importlib.import_module(module_name).train(cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,124 @@
+"""Supervised fine-tuning: mean negative log-likelihood of the response tokens, through the fused log-prob head.
+
+``rlhf sft --config FILE key=value ...`` or :func:`train`. The loss of an optimizer step is the mean over every
+response token of all its micro-batches (prompt and padding carry ``labels = -100``), so gradient accumulation
+gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+from .collators import SFTCollator
+from .config import SFTConfig
+from .models import (
+    IGNORE_INDEX,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    token_accuracy,
+    token_logprobs,
+)
+from .train import autocast_context, eval_batches, load_splits, run, seed_everything
+
+
+def count_tokens(batch: dict) -> int:
+    """Number of response tokens the loss averages over (targets are ``labels[:, 1:]``)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def sft_loss(model, batch: dict, denom: int, detailed: bool, *, backend=None, chunk_size=None):
+    """``(loss, stats)``: summed NLL of the response tokens divided by ``denom`` (the step's token count).
+
+    ``batch``: ``input_ids, attention_mask, labels (B, T)``. ``detailed`` adds ``mean_token_accuracy`` (one extra
+    no-grad pass over the LM head on the response tokens).
+    """
+    logprobs, entropy, (hidden, head) = token_logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        return_entropy=True,
+        return_hidden=True,
+        backend=backend,
+        chunk_size=chunk_size,
+    )  # (B, T-1) each
+    targets = batch["labels"][:, 1:]
+    loss = -logprobs.sum() / denom
+    stats = {
+        "loss": loss.detach(),
+        "entropy": entropy.detach().sum() / denom,
+        "num_tokens": (targets != IGNORE_INDEX).sum(),
+    }
+    if detailed:
+        stats["mean_token_accuracy"] = token_accuracy(hidden.detach(), head, targets) / denom
+    return loss, stats
+
+
+def evaluate(model, rows, collate, cfg, autocast) -> dict:
+    """Token-weighted loss, accuracy and entropy over the held-out rows."""
+    denom = max(sum(sum(t != IGNORE_INDEX for t in row["labels"][1:]) for row in rows), 1)
+    totals = {"loss": 0.0, "entropy": 0.0, "mean_token_accuracy": 0.0}
+    for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
+        with autocast():
+            _, stats = sft_loss(model, batch, denom, True, backend=cfg.backend, chunk_size=cfg.chunk_size)
+        for key in totals:
+            totals[key] += float(stats[key])
+    totals["num_tokens"] = denom
+    return totals
+
+
+def build_policy(cfg: SFTConfig, tokenizer, device):
+    """The model to fine-tune (LoRA-wrapped when ``lora_r > 0``)."""
+    model = load_causal_lm(
+        cfg.model,
+        tokenizer,
+        dtype=cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+    )
+    if cfg.lora_r > 0:
+        model = apply_lora(
+            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+        )
+    return model
+
+
+def save_policy(model, tokenizer, path) -> None:
+    """``save_pretrained`` of the fine-tuned model (LoRA merged into a copy) and its tokenizer."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def train(cfg: SFTConfig, resume: bool = False) -> dict:
+    """Run SFT as configured; returns the final train and eval metrics."""
+    seed_everything(cfg.seed, cfg.num_threads)
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_rows, eval_rows = load_splits(cfg, tokenizer, "sft")
+    model = build_policy(cfg, tokenizer, device)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    autocast = autocast_context(cfg, device)
+
+    def loss_fn(model, batch, denom, detailed):
+        return sft_loss(model, batch, denom, detailed, backend=cfg.backend, chunk_size=cfg.chunk_size)
+
+    def evaluate_fn(model):
+        return evaluate(model, eval_rows, collate, cfg, autocast)
+
+    return run(
+        cfg,
+        model,
+        train_rows,
+        collate,
+        loss_fn,
+        count_tokens,
+        evaluate_fn if eval_rows else None,
+        lambda path: save_policy(model, tokenizer, path),
+        resume=resume,
+    )
