@@ -102,8 +102,17 @@ def load_causal_lm(
 
 
 def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant checkpointing)."""
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)
 
 
 def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM"):
@@ -157,7 +166,8 @@ def token_logprobs(
     """
     backbone, head = causal_lm_parts(model)
     hidden = last_hidden(backbone, input_ids, attention_mask)[:, :-1]
-    weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
+    hidden = hidden.to(head_dtype(hidden, head))
+    weight = head.weight.to(hidden.dtype)
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
     out = rlhf_kernels.fused_linear_logprobs(
         hidden,
@@ -174,6 +184,15 @@ def token_logprobs(
     if return_hidden:
         out = out + ((hidden, head),)
     return out if len(out) > 1 else out[0]
+
+
+def head_dtype(hidden: torch.Tensor, head: nn.Linear) -> torch.dtype:
+    """The dtype the fused head runs in: the autocast dtype inside autocast (as ``nn.Linear`` would), else the
+    head weight's dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return head.weight.dtype
 
 
 @torch.no_grad()

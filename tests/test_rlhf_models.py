@@ -12,6 +12,7 @@ from rlhf.models import (  # noqa: E402
     IGNORE_INDEX,
     RewardModel,
     apply_lora,
+    is_checkpointing,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -167,3 +168,28 @@ def test_lora_policy_trains_only_adapters(policy, tokenizer):
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     token_logprobs(model, ids, mask, labels).sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    ids, mask = _pad(_rows(tokenizer), tokenizer.pad_token_id, "right")
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_causal_lm("builtin-small", tokenizer, seed=0, gradient_checkpointing=checkpointing).train()
+        token_logprobs(model, ids, mask, labels).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert is_checkpointing(model)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_head_runs_in_the_autocast_dtype(policy, tokenizer):
+    ids, mask = _pad(_rows(tokenizer), tokenizer.pad_token_id, "right")
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    full = token_logprobs(policy, ids, mask, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, (hidden, _) = token_logprobs(policy, ids, mask, labels, return_hidden=True)
+    assert hidden.dtype == torch.bfloat16 and lp.dtype == torch.float32
+    assert 0 < (lp - full).abs().max() < 0.5  # bf16 rounding of a whole model: close, not equal
+    lp.sum().backward()
+    assert policy.lm_head.weight.grad.dtype == torch.float32
