@@ -28,7 +28,9 @@ class TrainConfig:
     """Options shared by every training stage."""
 
     # model
-    model: str = _opt("builtin", "hub name or local path of the model; 'builtin' = tiny Llama built locally")
+    model: str = _opt(
+        "builtin", "hub name or local path; 'builtin' (~4M params) or 'builtin-small' = tiny Llama built locally"
+    )
     tokenizer: str | None = _opt(None, "hub name or local path of the tokenizer (None = same as model)")
     trust_remote_code: bool = _opt(False, "allow custom model code from the hub")
     dtype: str = _opt("float32", "weight dtype: float32 | bfloat16 | float16")

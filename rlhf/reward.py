@@ -56,9 +56,11 @@ def evaluate(model: RewardModel, rows, collate, cfg: RewardConfig, autocast) -> 
     parts = []
     for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
         with autocast():
-            _, stats = reward_loss(model, batch, len(rows), center_coef=cfg.center_coef)
+            _, stats = reward_loss(model, batch, 1, center_coef=cfg.center_coef)  # sums over the batch's pairs
         parts.append(stats)
-    return reduce_stats(parts)
+    totals = reduce_stats(parts)
+    keep = ("reward/min", "reward/max", "num_pairs")
+    return {k: v if k in keep else v / len(rows) for k, v in totals.items()}
 
 
 def build_reward_model(cfg: RewardConfig, tokenizer, device) -> RewardModel:

@@ -56,15 +56,14 @@ def sft_loss(model, batch: dict, denom: int, detailed: bool, *, backend=None, ch
 
 def evaluate(model, rows, collate, cfg, autocast) -> dict:
     """Token-weighted loss, accuracy and entropy over the held-out rows."""
-    denom = max(sum(sum(t != IGNORE_INDEX for t in row["labels"][1:]) for row in rows), 1)
-    totals = {"loss": 0.0, "entropy": 0.0, "mean_token_accuracy": 0.0}
+    totals = {"loss": 0.0, "entropy": 0.0, "mean_token_accuracy": 0.0, "num_tokens": 0}
     for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
-        with autocast():
-            _, stats = sft_loss(model, batch, denom, True, backend=cfg.backend, chunk_size=cfg.chunk_size)
+        with autocast():  # denom 1: sums over the batch's tokens, divided once at the end
+            _, stats = sft_loss(model, batch, 1, True, backend=cfg.backend, chunk_size=cfg.chunk_size)
         for key in totals:
-            totals[key] += float(stats[key])
-    totals["num_tokens"] = denom
-    return totals
+            totals[key] += stats[key].item()
+    tokens = max(totals["num_tokens"], 1)
+    return {k: v if k == "num_tokens" else v / tokens for k, v in totals.items()}
 
 
 def build_policy(cfg: SFTConfig, tokenizer, device):
