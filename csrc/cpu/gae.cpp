@@ -109,8 +109,9 @@ struct LaneState {
   D shift[2], s1[2], s2[2];
 };
 
-// The statistics of step j for the lanes of half kHalf, with shift as it was at the start of the tile: lanes
-// whose first masked step falls in this tile are redone by replay_first_steps.
+// The statistics of step j for the lanes of half kHalf, with shift as it was at the start of the tile. That is
+// exact for lanes with a masked step before the tile (GaeKernel's shift only changes up to a row's first
+// masked step); lanes whose first masked step falls in this tile are redone by replay_first_steps.
 template <int kHalf, int j, int G>
 RLHF_INLINE void stats_step(LaneState<G>& s, const typename Lanes<G>::U* flags, typename Lanes<G>::F acc) {
   using D = typename Lanes<G>::D;
