@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_gae                      # this machine's default cases, prints tables
     python -m benchmarks.bench_gae --out results.md     # also writes the tables and the environment
+    python -m benchmarks.bench_gae --keep-freed-memory  # CPU: malloc keeps freed memory (see keep_freed_memory)
     pytest benchmarks/bench_gae.py                      # pytest-benchmark timings
 
 Providers: ``loop`` (one batch of small ops per time step, with the masking rules of rlhf_kernels.gae),
@@ -91,17 +92,42 @@ def run(device: torch.device, cases) -> str:
     return "\n".join(lines)
 
 
+def keep_freed_memory() -> str:
+    """Make glibc malloc keep freed memory instead of handing it back to the OS after every call.
+
+    With glibc's defaults a process that allocates and frees the same few MiB each call can get them unmapped and
+    re-faulted every time (about 1000 page faults for GAE's 4 MiB of outputs at B=256, T=2048, ~1.4 ms on the 2-core
+    VM), depending on the heap's history. Caching allocators (jemalloc, tcmalloc, which PyTorch's CPU tuning
+    guidance recommends) keep that memory. This sets the same behaviour for every provider in the run.
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)
+    if not ok:
+        raise RuntimeError("mallopt refused the settings (not glibc?)")
+    return "glibc malloc with M_TRIM_THRESHOLD=1 GiB, M_MMAP_THRESHOLD=32 MiB (freed memory kept)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the tables (markdown) and the environment to this file")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="CPU: stop glibc from returning freed memory to the OS after each call (see keep_freed_memory)",
+    )
     args = p.parse_args(argv)
+    allocator = keep_freed_memory() if args.keep_freed_memory else "default allocator settings"
     device = torch.device(args.device)
     if device.type == "cuda":
         cases = [(512, 4096, torch.float32), (512, 4096, torch.bfloat16), (64, 32768, torch.float32)]
     else:
         cases = [(256, 2048, torch.float32)]
-    publish("rlhf_kernels.gae benchmark", run(device, cases), args.out)
+    publish(f"rlhf_kernels.gae benchmark ({allocator})", run(device, cases), args.out)
 
 
 _DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
