@@ -52,6 +52,14 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())  # CPU: no mixed-dtype GEMM; chunk-sized upcasts only
 
 
+def detach_without_grad(*tensors):
+    """The tensors detached when grad mode is off, so an autograd Function's ``ctx.needs_input_grad`` is False and
+    heads that compute gradients in their forward skip that work under ``torch.no_grad()``."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
 class LinearGrads:
     """Gradients of ``logits = hidden @ weight.T + bias`` (hidden (N, H)) accumulated chunk by chunk from the
     logit gradients: ``grad_hidden`` is written per chunk, ``grad_weight`` and ``grad_bias`` summed in fp32."""

@@ -20,6 +20,7 @@ from ._linear import (
     check_chunk_size,
     check_linear,
     default_chunk_size,
+    detach_without_grad,
     save_linear_grads,
     scaled_linear_grads,
 )
@@ -209,6 +210,7 @@ def fused_linear_dpo_loss(
         seq = sequence_logps(token_lp, labels, ignore_index, average_log_prob)
         return dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **dpo_options)
     budget = int(chunk_size) if chunk_size is not None else default_chunk_size(S * T, V, H)
+    hidden, weight, bias = detach_without_grad(hidden, weight, bias)
     loss, seq = FusedLinearDPOLossFunction.apply(
         hidden.reshape(S * T, H), weight, bias, labels.reshape(-1).to(torch.int64), rc, rr, T,
         (float(beta), loss_type, float(eps), float(gamma)), bool(average_log_prob), int(ignore_index), budget, name,

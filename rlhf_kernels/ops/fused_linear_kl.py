@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import bool_mask, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, detach_without_grad
 from .kl import check_direction
 
 
@@ -135,6 +135,7 @@ def fused_linear_kl(
     m = None if mask is None else mask.reshape(-1).contiguous()
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
     detach = lambda t: None if t is None else t.detach()
+    h, weight, bias = detach_without_grad(h, weight, bias)
     kl = FusedLinearKLFunction.apply(
         h, weight, bias, rh, detach(ref_weight), detach(ref_bias), m, 1.0 / temperature, reverse, max(chunk, 1), name
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, kept_rows
+from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, detach_without_grad, kept_rows
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -116,6 +116,7 @@ def fused_linear_logprobs(
         if idx is not None:  # GEMMs on the labelled rows only
             h, y = h.index_select(0, idx), y.index_select(0, idx)
         chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
+        h, weight, bias = detach_without_grad(h, weight, bias)
         lp, ent = FusedLinearLogprobsFunction.apply(
             h, weight, bias, y, 1.0 / temperature, int(ignore_index), max(chunk, 1), name
         )

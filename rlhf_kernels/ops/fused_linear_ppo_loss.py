@@ -26,6 +26,7 @@ from ._linear import (
     check_chunk_size,
     check_linear,
     default_chunk_size,
+    detach_without_grad,
     kept_rows,
     save_linear_grads,
     scaled_linear_grads,
@@ -199,6 +200,7 @@ def fused_linear_ppo_loss(
         h, y, old, adv, w = (x.index_select(0, idx) for x in (h, y, old, adv, w))
         ref = None if ref is None else ref.index_select(0, idx)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
+    h, weight, bias = detach_without_grad(h, weight, bias)
     loss, totals = FusedLinearPPOLossFunction.apply(
         h, weight, bias, y, old, adv, ref, w,
         (float(kl_coef), float(entropy_coef)), (float(clip_low), float(clip_high), float(dual_clip or 0.0)),
