@@ -80,21 +80,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check types, choices and ranges; raise ValueError naming the first bad field."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        for name, choices in _CHOICES.items():
-            if hasattr(self, name) and getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        for name, (ok, rule) in _RANGES.items():
-            value = getattr(self, name, None)
-            if value is not None and not ok(value):
-                raise ValueError(f"{name} must be {rule}; got {value!r}")
-        for name in ("model", "dataset", "split", "output_dir"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must not be empty")
+        validate_fields(self, required=("model", "dataset", "split", "output_dir"))
 
 
 @dataclass
@@ -115,11 +101,71 @@ class RewardConfig(TrainConfig):
     center_coef: float = _opt(0.0, "weight of the squared-reward penalty that keeps rewards centred near 0")
 
 
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation on chosen/rejected pairs (the loss family of rlhf_kernels.dpo_loss)."""
+
+    dataset: str = _opt("builtin:preference", "builtin:preference, a local file/directory or a hub dataset name")
+    output_dir: str = _opt("runs/dpo", "directory for checkpoints, metrics, plots and the final model")
+    lr: float = _opt(5e-5, "peak learning rate")
+    beta: float = _opt(0.1, "DPO temperature beta (strength of the implicit KL to the reference)")
+    loss_type: str = _opt("sigmoid", "sigmoid | robust | hinge | ipo | apo_zero | simpo")
+    label_smoothing: float = _opt(0.0, "assumed label noise (sigmoid, robust, simpo)")
+    simpo_gamma: float = _opt(0.0, "SimPO target reward margin gamma")
+    average_log_prob: bool | None = _opt(None, "average sequence log-probs over tokens (None = per loss type)")
+    ref_model: str | None = _opt(
+        None, "reference model (None = a frozen copy of the initial policy, or the adapter-disabled base with LoRA)"
+    )
+    precompute_ref_logps: bool = _opt(
+        False, "compute the reference log-probs in one pass before training; no reference model kept in memory"
+    )
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO on prompts: sample, score with the reward model, KL-penalised GAE advantages, clipped updates."""
+
+    dataset: str = _opt("builtin:prompt", "prompt dataset: builtin:prompt, a local file/directory or a hub name")
+    output_dir: str = _opt("runs/ppo", "directory for checkpoints, metrics, plots and the final model")
+    lr: float = _opt(1e-5, "peak learning rate (policy and value model)")
+    reward_model: str = _opt("builtin", "reward model: a saved RewardModel directory ('builtin' = untrained, tests)")
+    value_model: str | None = _opt(None, "value model to start from (None = the reward model)")
+    ref_model: str | None = _opt(
+        None, "reference model (None = a frozen copy of the initial policy, or the adapter-disabled base with LoRA)"
+    )
+    max_prompt_length: int = _opt(128, "prompts longer than this (tokens) are dropped or rejected (see overlong)")
+    max_new_tokens: int = _opt(32, "longest sampled response")
+    temperature: float = _opt(1.0, "sampling temperature (also applied to the log-probs used in the losses)")
+    top_p: float = _opt(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = _opt(0, "top-k sampling (0 = off)")
+    rollout_batch_size: int = _opt(16, "prompts sampled per PPO iteration (one optimizer 'step' is one iteration)")
+    mini_batch_size: int = _opt(8, "sequences per PPO optimizer update")
+    ppo_epochs: int = _opt(4, "passes over each rollout batch")
+    missing_eos_penalty: float | None = _opt(None, "subtracted from the score of responses that end without EOS")
+    kl_coef: float = _opt(0.05, "initial coefficient of the per-token KL penalty")
+    kl_estimator: str = _opt("k1", "per-token KL in the reward: k1 (log-ratio of the sampled token) | exact")
+    adaptive_kl: bool = _opt(False, "adapt kl_coef towards target_kl (proportional controller)")
+    target_kl: float = _opt(6.0, "target sequence KL of the adaptive controller")
+    kl_horizon: int = _opt(10000, "horizon (in sequences) of the adaptive controller")
+    gamma: float = _opt(1.0, "GAE discount")
+    lam: float = _opt(0.95, "GAE lambda")
+    whiten_advantages: bool = _opt(True, "whiten advantages over the rollout batch")
+    clip_range: float = _opt(0.2, "PPO ratio clip epsilon")
+    clip_range_value: float = _opt(0.2, "value clip around the rollout values")
+    vf_coef: float = _opt(0.1, "weight of the value loss")
+    entropy_coef: float = _opt(0.0, "weight of the entropy bonus")
+    agg: str = _opt("token-mean", "loss aggregation: token-mean | seq-mean-token-sum | seq-mean-token-mean | ...")
+
+
 _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),
     "overlong": ("drop", "truncate", "error"),
     "schedule": ("constant", "linear", "cosine"),
+    "loss_type": ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo"),
+    "kl_estimator": ("k1", "exact"),
+    "agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
 }
 
 # field -> (predicate, rule stated in the error); None values (Optional fields) are not checked.
@@ -148,11 +194,49 @@ _RANGES = {
     "eval_steps": (lambda v: v >= 0, ">= 0"),
     "chunk_size": (lambda v: v >= 1, ">= 1 or None"),
     "center_coef": (lambda v: v >= 0, ">= 0"),
+    "beta": (lambda v: v > 0, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "max_prompt_length": (lambda v: v >= 1, ">= 1"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0"),
+    "rollout_batch_size": (lambda v: v >= 1, ">= 1"),
+    "mini_batch_size": (lambda v: v >= 1, ">= 1"),
+    "ppo_epochs": (lambda v: v >= 1, ">= 1"),
+    "kl_coef": (lambda v: v >= 0, ">= 0"),
+    "target_kl": (lambda v: v > 0, "> 0"),
+    "kl_horizon": (lambda v: v >= 1, ">= 1"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip_range": (lambda v: v > 0, "> 0"),
+    "clip_range_value": (lambda v: v > 0, "> 0"),
+    "vf_coef": (lambda v: v >= 0, ">= 0"),
+    "entropy_coef": (lambda v: v >= 0, ">= 0"),
 }
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null", "~")
+
+
+def validate_fields(cfg: Any, required: tuple[str, ...]) -> None:
+    """Types, choices and ranges of a config's fields; ``required`` fields must not be empty."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        _check_type(f.name, getattr(cfg, f.name), hints[f.name])
+    for name, choices in _CHOICES.items():
+        if hasattr(cfg, name) and getattr(cfg, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")
+    if hasattr(cfg, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    for name, (ok, rule) in _RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {rule}; got {value!r}")
+    for name in required:
+        if not getattr(cfg, name):
+            raise ValueError(f"{name} must not be empty")
 
 
 def _split_optional(tp: Any) -> tuple[Any, bool]:

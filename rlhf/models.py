@@ -242,6 +242,11 @@ class RewardModel(nn.Module):
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.score(picked.to(self.score.weight.dtype)).squeeze(-1).float()
 
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head at every position: ``(B, T)`` fp32 (a critic's per-token values; padding gives garbage)."""
+        hidden = last_hidden(self.backbone, input_ids, attention_mask)  # (B, T, H)
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write the backbone (LoRA merged in) with ``save_pretrained`` and the head beside it."""
         from safetensors.torch import save_file

@@ -1,0 +1,286 @@
+"""Direct preference optimisation: the DPO family of losses on chosen/rejected pairs, through the fused LM head.
+
+``rlhf dpo --config FILE key=value ...`` or :func:`train`. Each micro-batch stacks ``B`` pairs as ``2B`` rows (the
+chosen responses, then the rejected ones, as :class:`rlhf.collators.PreferenceCollator` does). The policy runs to
+its last hidden states, and :func:`rlhf_kernels.fused_linear_dpo_loss` turns them and the LM head weight into the
+pairs' sequence log-probs, the loss and its gradients without materialising the logits
+(Rafailov et al. 2023, https://arxiv.org/abs/2305.18290; the other loss types are listed in
+:func:`rlhf_kernels.dpo_loss`). The loss of an optimizer step is the mean over all its pairs.
+
+The reference log-probs ``log pi_ref(y | x)`` of each pair come from one of:
+
+- a frozen reference model: ``ref_model`` when given, else a copy of the initial policy (eval mode, no grad);
+- with LoRA (``lora_r > 0``) and no ``ref_model``: the policy itself with its adapter disabled (no copy);
+- with ``precompute_ref_logps``: one no-grad pass over the train and held-out rows before training stores them in
+  the rows (``ref_chosen_logps``, ``ref_rejected_logps``); no reference model stays in memory. Without LoRA or
+  ``ref_model`` that pass runs the initial policy, which is the reference.
+
+Reference-free loss types (``simpo``) use none of these. The implicit reward of a response is
+``beta * (log pi - log pi_ref)``; the metrics ``rewards/*`` and ``logps/*`` are means over the pairs. A preference
+row's optional ``margin`` (used by the reward model) plays no part here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels
+from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES, check_dpo_options
+
+from .collators import PreferenceCollator
+from .config import DPOConfig
+from .models import (
+    IGNORE_INDEX,
+    causal_lm_parts,
+    head_dtype,
+    last_hidden,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    token_logprobs,
+)
+from .sft import build_policy, save_policy
+from .train import autocast_context, eval_batches, load_splits, reduce_stats, run, seed_everything
+
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+REFERENCE_FREE = ("simpo",)
+
+
+@dataclass
+class DPOCollator(PreferenceCollator):
+    """:class:`PreferenceCollator` plus ``ref_chosen_logps, ref_rejected_logps (B,)`` fp32 when the rows carry them."""
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        if REF_KEYS[0] in rows[0]:
+            for key in REF_KEYS:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        return batch
+
+
+def count_pairs(batch: dict) -> int:
+    return int(batch["input_ids"].shape[0] // 2)
+
+
+def uses_average(cfg: DPOConfig) -> bool:
+    """Whether sequence log-probs are token means (``average_log_prob``, by default per loss type) or sums."""
+    return cfg.loss_type in AVERAGED_LOSS_TYPES if cfg.average_log_prob is None else cfg.average_log_prob
+
+
+def loss_options(cfg: DPOConfig) -> dict:
+    """The keyword options of :func:`rlhf_kernels.fused_linear_dpo_loss` set by the config."""
+    return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+
+
+@torch.no_grad()
+def reference_logps(model, batch: dict, *, average: bool, backend=None, chunk_size=None, context=None):
+    """Sequence log-probs ``(chosen (B,), rejected (B,))`` fp32 of a pair batch under ``model``, without gradient.
+
+    ``batch``: ``input_ids, attention_mask, labels (2B, T)``. Sums (or, with ``average``, means) of the log-probs
+    of the labelled tokens. ``model`` runs in eval mode (restored after), inside ``context()`` when given (e.g.
+    ``policy.disable_adapter`` for the LoRA base).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with context() if context is not None else contextlib.nullcontext():
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            logps = token_logprobs(model, ids, mask, labels, backend=backend, chunk_size=chunk_size)  # (2B, T-1)
+    finally:
+        model.train(was_training)
+    seq = logps.sum(-1)  # (2B,)
+    if average:
+        seq = seq / (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp_min(1)
+    pairs = seq.shape[0] // 2
+    return seq[:pairs], seq[pairs:]
+
+
+def frozen(model):
+    """``model`` in eval mode with every parameter frozen."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_reference(cfg: DPOConfig, policy, tokenizer, device) -> tuple[torch.nn.Module | None, Callable | None]:
+    """``(model, context)`` that score the reference log-probs; ``(None, None)`` for reference-free losses.
+
+    ``ref_model`` when given; else the LoRA policy with ``context = policy.disable_adapter``; else, when the
+    log-probs are precomputed, the (still initial) policy itself; else a frozen copy of the initial policy.
+    """
+    if cfg.loss_type in REFERENCE_FREE:
+        return None, None
+    if cfg.ref_model is not None:
+        ref = load_causal_lm(
+            cfg.ref_model,
+            tokenizer,
+            dtype=cfg.dtype,
+            device=device,
+            trust_remote_code=cfg.trust_remote_code,
+            seed=cfg.seed,
+        )
+        return frozen(ref), None
+    if cfg.lora_r > 0:
+        return policy, policy.disable_adapter
+    if cfg.precompute_ref_logps:
+        return policy, None
+    return frozen(copy.deepcopy(policy)), None
+
+
+def precompute_reference(rows: list[dict], ref, collate, cfg: DPOConfig, autocast, *, context=None) -> list[dict]:
+    """Copies of ``rows`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` (python floats) from ``ref``.
+
+    One no-grad pass in batches of ``eval_batch_size``; the values are those :func:`reference_logps` gives live.
+    """
+    out, size, device = [], cfg.eval_batch_size, next(ref.parameters()).device
+    for start, batch in zip(range(0, len(rows), size), eval_batches(rows, collate, size, device)):
+        with autocast():
+            chosen, rejected = reference_logps(
+                ref, batch, average=uses_average(cfg), backend=cfg.backend, chunk_size=cfg.chunk_size, context=context
+            )
+        for row, c, r in zip(rows[start : start + size], chosen.tolist(), rejected.tolist(), strict=True):
+            out.append({**row, REF_KEYS[0]: c, REF_KEYS[1]: r})
+    return out
+
+
+def batch_reference(batch: dict, ref, context, cfg: DPOConfig):
+    """The reference log-probs of a batch: precomputed in it, scored live by ``ref``, or ``(None, None)``."""
+    if REF_KEYS[0] in batch:
+        return batch[REF_KEYS[0]], batch[REF_KEYS[1]]
+    if ref is None:
+        return None, None
+    return reference_logps(
+        ref, batch, average=uses_average(cfg), backend=cfg.backend, chunk_size=cfg.chunk_size, context=context
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def dpo_loss(
+    model,
+    batch: dict,
+    denom: int,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    average: bool,
+    options: dict,
+    backend=None,
+    chunk_size=None,
+):
+    """``(loss, stats)`` of a batch of ``B`` pairs: the summed pair losses divided by ``denom`` (the step's pairs).
+
+    ``batch``: ``input_ids, attention_mask, labels (2B, T)`` (chosen rows first); ``ref_chosen, ref_rejected (B,)``
+    or None for reference-free losses. ``options``: ``beta, loss_type, label_smoothing, gamma``. Stats (detached)
+    are the :func:`rlhf_kernels.dpo_loss` batch means scaled the same way, so micro-batches add up to step means.
+    """
+    backbone, head = causal_lm_parts(model)
+    hidden = last_hidden(backbone, batch["input_ids"], batch["attention_mask"])[:, :-1]  # (2B, T-1, H)
+    hidden = hidden.to(head_dtype(hidden, head))
+    weight, bias = head.weight, head.bias
+    if not torch.is_grad_enabled():  # the fused op computes gradients in its forward for inputs that need them
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    loss, stats = rlhf_kernels.fused_linear_dpo_loss(
+        hidden,
+        weight.to(hidden.dtype),
+        batch["labels"][:, 1:],  # hidden[:, t] predicts labels[:, t + 1]
+        ref_chosen,
+        ref_rejected,
+        bias=None if bias is None else bias.to(hidden.dtype),
+        ignore_index=IGNORE_INDEX,
+        average_log_prob=average,
+        chunk_size=chunk_size,
+        backend=backend,
+        **options,
+    )  # loss: mean over the B pairs
+    pairs = count_pairs(batch)
+    scale = pairs / denom
+    loss = loss * scale
+    stats = {key: value.detach() * scale for key, value in stats.items()}
+    stats["loss"] = loss.detach()
+    stats["num_pairs"] = torch.tensor(pairs)
+    return loss, stats
+
+
+def evaluate(model, rows, collate, cfg: DPOConfig, autocast, ref, context) -> dict:
+    """Held-out loss and reward/log-prob statistics, averaged over all pairs."""
+    parts = []
+    for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
+        with autocast():  # denom 1: sums over the batch's pairs, divided once at the end
+            ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg)
+            _, stats = dpo_loss(
+                model,
+                batch,
+                1,
+                ref_chosen,
+                ref_rejected,
+                average=uses_average(cfg),
+                options=loss_options(cfg),
+                backend=cfg.backend,
+                chunk_size=cfg.chunk_size,
+            )
+        parts.append(stats)
+    totals = reduce_stats(parts)
+    return {k: v if k == "num_pairs" else v / len(rows) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+def train(cfg: DPOConfig, resume: bool = False) -> dict:
+    """Run DPO as configured; returns the final train and eval metrics (``eval/rewards/accuracies`` ...)."""
+    check_dpo_options(cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.simpo_gamma)
+    seed_everything(cfg.seed, cfg.num_threads)
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
+    model = build_policy(cfg, tokenizer, device)
+    collate = DPOCollator(tokenizer.pad_token_id)
+    autocast = autocast_context(cfg, device)
+
+    ref, context = build_reference(cfg, model, tokenizer, device)
+    if cfg.precompute_ref_logps and ref is not None:  # before any update: the policy may be its own reference
+        train_rows = precompute_reference(train_rows, ref, collate, cfg, autocast, context=context)
+        if eval_rows:
+            eval_rows = precompute_reference(eval_rows, ref, collate, cfg, autocast, context=context)
+        ref, context = None, None  # rows now carry the reference; drop the model (unless it is the policy)
+
+    options, average = loss_options(cfg), uses_average(cfg)
+
+    def loss_fn(model, batch, denom, detailed):
+        ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg)
+        return dpo_loss(
+            model,
+            batch,
+            denom,
+            ref_chosen,
+            ref_rejected,
+            average=average,
+            options=options,
+            backend=cfg.backend,
+            chunk_size=cfg.chunk_size,
+        )
+
+    def evaluate_fn(model):
+        return evaluate(model, eval_rows, collate, cfg, autocast, ref, context)
+
+    return run(
+        cfg,
+        model,
+        train_rows,
+        collate,
+        loss_fn,
+        count_pairs,
+        evaluate_fn if eval_rows else None,
+        lambda path: save_policy(model, tokenizer, path),
+        resume=resume,
+    )

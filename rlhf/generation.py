@@ -1,0 +1,120 @@
+"""Sampling responses with ``transformers`` ``generate`` and scoring their tokens through the fused head.
+
+A rollout batch is one dict of tensors:
+
+- ``input_ids, attention_mask (B, P + R)``: the left-padded prompts followed by the responses;
+- ``response_mask (B, R)`` bool: the response tokens up to and including the first EOS (what the losses see);
+- ``ended (B,)`` bool: the response stopped at EOS (not at ``max_new_tokens``);
+- ``prompt_length``: ``P`` (an int).
+
+Everything after a response's first EOS is padding (``pad_token_id``, mask 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import IGNORE_INDEX, token_logprobs
+
+
+def sampling_config(
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+):
+    """A full ``GenerationConfig``, so a model's own generation defaults (penalties, top-k 50...) never apply."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+def response_mask_from(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask (B, R) bool, ended (B,) bool)``: tokens up to and including the first EOS of each response."""
+    is_eos = responses == eos_token_id
+    before_or_at_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before this position
+    return before_or_at_eos, is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: dict, **sampling) -> dict:
+    """Sample one response per prompt. ``prompts``: left-padded ``input_ids, attention_mask (B, P)``.
+
+    ``sampling``: ``max_new_tokens, temperature, top_p, top_k, do_sample`` (see :func:`sampling_config`). Uses
+    the global torch RNG (restored by checkpoints, so resumed runs sample the same tokens). Returns a rollout
+    batch (module docstring).
+    """
+    config = sampling_config(tokenizer, **sampling)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], generation_config=config
+    )
+    model.train(was_training)
+    P = prompts["input_ids"].shape[1]
+    responses = out[:, P:]
+    mask, ended = response_mask_from(responses, tokenizer.eos_token_id)
+    responses = responses.masked_fill(~mask, tokenizer.pad_token_id)
+    return {
+        "input_ids": torch.cat([prompts["input_ids"], responses], 1),
+        "attention_mask": torch.cat([prompts["attention_mask"].long(), mask.long()], 1),
+        "response_mask": mask,
+        "ended": ended,
+        "prompt_length": P,
+    }
+
+
+def response_labels(batch: dict) -> torch.Tensor:
+    """``(B, P + R)`` labels: the response tokens, ``IGNORE_INDEX`` on prompts and padding."""
+    P = batch["prompt_length"]
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    labels[:, P:] = batch["input_ids"][:, P:].masked_fill(~batch["response_mask"], IGNORE_INDEX)
+    return labels
+
+
+def response_logprobs(
+    model,
+    batch: dict,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_hidden: bool = False,
+    backend=None,
+    chunk_size=None,
+):
+    """Per-token fp32 log-probs ``(B, R)`` of the responses under ``model`` (0 off ``response_mask``).
+
+    The targets of positions ``P .. P+R-1`` are predicted from positions ``P-1 .. P+R-2``: the slice ``P-1:`` of
+    :func:`rlhf.models.token_logprobs`. Optional entropy ``(B, R)`` and ``(hidden (B, R, H), lm_head)``.
+    """
+    P = batch["prompt_length"]
+    out = token_logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        response_labels(batch),
+        temperature=temperature,
+        return_entropy=return_entropy,
+        return_hidden=return_hidden,
+        backend=backend,
+        chunk_size=chunk_size,
+    )
+    if not isinstance(out, tuple):
+        return out[:, P - 1 :]
+    parts = [t[:, P - 1 :] for t in out[: 1 + return_entropy]]
+    if return_hidden:
+        hidden, head = out[-1]
+        parts.append((hidden[:, P - 1 :], head))
+    return tuple(parts)
