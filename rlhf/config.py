@@ -121,6 +121,15 @@ class DPOConfig(TrainConfig):
         False, "compute the reference log-probs in one pass before training; no reference model kept in memory"
     )
 
+    def validate(self) -> None:
+        super().validate()
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"label_smoothing applies to sigmoid, robust and simpo, not loss_type={self.loss_type}")
+        if self.loss_type == "robust" and self.label_smoothing >= 0.5:
+            raise ValueError(f"label_smoothing must be < 0.5 for the robust loss; got {self.label_smoothing}")
+        if self.simpo_gamma and self.loss_type != "simpo":
+            raise ValueError(f"simpo_gamma applies to loss_type=simpo only, not {self.loss_type}")
+
 
 @dataclass
 class PPOConfig(TrainConfig):
@@ -195,7 +204,7 @@ _RANGES = {
     "chunk_size": (lambda v: v >= 1, ">= 1 or None"),
     "center_coef": (lambda v: v >= 0, ">= 0"),
     "beta": (lambda v: v > 0, "> 0"),
-    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_prompt_length": (lambda v: v >= 1, ">= 1"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "temperature": (lambda v: v > 0, "> 0"),

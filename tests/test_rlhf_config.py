@@ -210,3 +210,15 @@ def test_config_help_lists_every_field(cls):
         assert words[0] == f.name
         assert words[3] == format_default(f.default), line
         assert f.metadata["help"] in line
+
+
+def test_dpo_option_combinations_are_config_errors():
+    from rlhf.config import DPOConfig
+
+    with pytest.raises(ValueError, match="label_smoothing"):
+        load_config(DPOConfig, None, ["loss_type=hinge", "label_smoothing=0.1"])
+    with pytest.raises(ValueError, match="robust"):
+        load_config(DPOConfig, None, ["loss_type=robust", "label_smoothing=0.6"])
+    with pytest.raises(ValueError, match="simpo_gamma"):
+        load_config(DPOConfig, None, ["simpo_gamma=0.5"])
+    assert load_config(DPOConfig, None, ["loss_type=simpo", "simpo_gamma=0.5"]).simpo_gamma == 0.5
