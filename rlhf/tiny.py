@@ -6,7 +6,8 @@ few million parameters learns them in minutes on a CPU.
 
 - `builtin_rows(kind, n, seed)`: rows for "sft" (prompt, completion), "preference" (prompt, chosen, rejected,
   margin) and "prompt" (prompt).
-- `build_tokenizer()`: a byte-level BPE tokenizer trained on the built-in texts, with a chat template.
+- `build_tokenizer()`: a byte-level BPE tokenizer trained on the built-in texts and those of the default task
+  (`rlhf.task`), with a chat template.
 - `tiny_llama_config(vocab_size, **overrides)` and `tiny_llama(tokenizer, seed, **overrides)`.
 """
 
@@ -159,8 +160,11 @@ def builtin_rows(kind: str, n: int | None = None, seed: int = 0) -> list[dict]:
 
 
 def _corpus() -> list[str]:
-    """Every text the built-in rows can contain, rendered roughly as the chat template would."""
-    texts = []
+    """Every text the built-in rows and the default task (`rlhf.task`) can contain, rendered roughly as the chat
+    template would."""
+    from .task import corpus_texts
+
+    texts = corpus_texts()
     for row in builtin_rows("preference", 2000, seed=12345):
         texts.append(f"<|user|>\n{row['prompt']}\n<|assistant|>\n{row['chosen']}")
         texts.append(row["rejected"])
