@@ -10,11 +10,15 @@ import argparse
 import importlib
 import sys
 
-from .config import RewardConfig, SFTConfig, config_help, load_config
+from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
+from .pipeline import PipelineConfig
 
 STAGES: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "rlhf.sft"),
     "rm": (RewardConfig, "rlhf.reward"),
+    "dpo": (DPOConfig, "rlhf.dpo"),
+    "ppo": (PPOConfig, "rlhf.ppo"),
+    "pipeline": (PipelineConfig, "rlhf.pipeline"),
 }
 
 _USAGE_NOTE = """\
@@ -43,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", metavar="FILE", help="YAML file of config options")
-        sub.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        if name == "pipeline":  # the pipeline always resumes: finished stages are skipped
+            sub.add_argument("--restart", action="store_true", help="delete earlier stage outputs and start over")
+        else:
+            sub.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config option overrides")
     return parser
 
@@ -71,5 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
-    importlib.import_module(module_name).train(cfg, resume=args.resume)
+    resume = not args.restart if args.stage == "pipeline" else args.resume
+    importlib.import_module(module_name).train(cfg, resume=resume)
     return 0

@@ -1,0 +1,397 @@
+"""The whole recipe in one command: SFT -> reward model -> PPO, and SFT -> DPO, then evaluation and a report.
+
+``rlhf pipeline`` with no arguments runs the built-in task (:mod:`rlhf.task`) on the built-in tiny Llama: it
+writes the task's data, fine-tunes on mixed-quality demonstrations, samples response pairs from the SFT policy
+and labels them with a Bradley-Terry draw on the task's programmatic gold reward (noisy labels, as human labels
+are), trains a reward model on them, runs PPO against that reward model and DPO on the same pairs, and evaluates
+SFT, PPO, DPO and best-of-n sampling from SFT on held-out prompts: gold reward, reward-model reward, exact KL to
+the SFT policy, response length, win rate against SFT. The report (``report.md``, ``results.json``, PNG plots)
+goes to ``output_dir``.
+
+Every stage writes into its own directory and a ``DONE`` marker at its end, so re-running the command skips the
+finished stages and resumes an interrupted one from its checkpoints; ``--restart`` starts over. Your own model,
+datasets or reward model replace the built-in ones through the config (the gold-reward metrics then drop out).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import _opt, load_config, validate_fields
+
+STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline: SFT -> RM -> PPO and SFT -> DPO on the built-in task, evaluated and reported."""
+
+    output_dir: str = _opt("runs/pipeline", "directory of the stages, the data and the report")
+    model: str = _opt("builtin", "initial model: hub name, local path, 'builtin' or 'builtin-small'")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = _opt(0, "seed of the data, every stage and the evaluation")
+    num_threads: int = _opt(0, "torch CPU threads (0 = torch default)")
+    sft_dataset: str | None = _opt(None, "SFT data (None = the built-in task's mixed-quality demonstrations)")
+    prompt_dataset: str | None = _opt(None, "PPO/pair-sampling prompts (None = the built-in task's prompts)")
+    eval_prompt_dataset: str | None = _opt(None, "held-out prompts (None = the built-in task's held-out prompts)")
+    preference_dataset: str | None = _opt(
+        None, "preference pairs for RM and DPO (None = sampled from the SFT policy, labelled by the gold reward)"
+    )
+    reward_model: str | None = _opt(None, "a trained RewardModel directory (None = train one on the pairs)")
+    sft_examples: int = _opt(2048, "built-in task: SFT demonstrations")
+    train_prompts: int = _opt(512, "built-in task: prompts for pair sampling and PPO")
+    eval_prompts: int = _opt(128, "built-in task: held-out prompts for the evaluation")
+    label_beta: float = _opt(4.0, "built-in task: Bradley-Terry sharpness of the gold labels (higher = less noise)")
+    max_new_tokens: int = _opt(24, "longest sampled response (pairs, PPO and evaluation)")
+    best_of_n: int = _opt(4, "n of the best-of-n baseline (0 = skip)")
+    sft_steps: int = _opt(300, "SFT optimizer steps")
+    rm_steps: int = _opt(200, "reward-model optimizer steps")
+    ppo_steps: int = _opt(100, "PPO iterations (rollout + update)")
+    dpo_steps: int = _opt(200, "DPO optimizer steps")
+    sft_args: str = _opt("", "extra SFT options, 'key=value key=value' (see rlhf sft --help)")
+    rm_args: str = _opt("", "extra reward-model options (see rlhf rm --help)")
+    ppo_args: str = _opt("", "extra PPO options (see rlhf ppo --help)")
+    dpo_args: str = _opt("", "extra DPO options (see rlhf dpo --help)")
+    stages: str = _opt("sft,pairs,rm,ppo,dpo,eval", "stages to run, comma-separated, in order")
+    progress: bool = _opt(True, "show progress bars")
+
+    def validate(self) -> None:
+        validate_fields(self, required=("output_dir", "model"))
+        unknown = [s for s in self.stage_list() if s not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"stages: unknown {unknown}; choose from {', '.join(STAGE_NAMES)}")
+        for name in ("sft_examples", "train_prompts", "eval_prompts", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.label_beta <= 0:
+            raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
+        if "ppo" in self.stage_list() and "rm" not in self.stage_list() and not self.reward_model:
+            raise ValueError("stage ppo needs a reward model: add 'rm' to stages or set reward_model")
+
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ stage plumbing
+
+
+def is_done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def mark_done(path: Path, info: dict) -> None:
+    """Write ``DONE`` (with what the stage produced) last, atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "DONE.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    tmp.replace(path / "DONE")
+
+
+def read_done(path: Path) -> dict:
+    return json.loads((path / "DONE").read_text())
+
+
+def stage_config(cls, cfg: PipelineConfig, extra: str, **values):
+    """A stage's config from the pipeline's shared values, the stage's defaults here, then the user's extras."""
+    shared = dict(device=cfg.device, seed=cfg.seed, num_threads=cfg.num_threads, progress=cfg.progress)
+    overrides = [f"{k}={v}" for k, v in {**shared, **values}.items()] + shlex.split(extra)
+    return load_config(cls, None, overrides)
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+
+def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
+    """The built-in task's files (unless the user gave datasets): sft.jsonl, prompts.jsonl, eval_prompts.jsonl."""
+    from . import task
+
+    data = out / "data"
+    paths = {
+        "sft": Path(cfg.sft_dataset) if cfg.sft_dataset else data / "sft.jsonl",
+        "prompts": Path(cfg.prompt_dataset) if cfg.prompt_dataset else data / "prompts.jsonl",
+        "eval_prompts": Path(cfg.eval_prompt_dataset) if cfg.eval_prompt_dataset else data / "eval_prompts.jsonl",
+    }
+    if not cfg.sft_dataset and not paths["sft"].is_file():
+        write_jsonl(task.sft_demonstrations(cfg.sft_examples, cfg.seed), paths["sft"])
+    if not cfg.prompt_dataset and not paths["prompts"].is_file():
+        write_jsonl(task.task_prompts(cfg.train_prompts, cfg.seed, split="train"), paths["prompts"])
+    if not cfg.eval_prompt_dataset and not paths["eval_prompts"].is_file():
+        write_jsonl(task.task_prompts(cfg.eval_prompts, cfg.seed, split="eval"), paths["eval_prompts"])
+    return paths
+
+
+def run_sft(cfg: PipelineConfig, out: Path, paths: dict) -> Path:
+    from . import sft
+    from .config import SFTConfig
+
+    stage = out / "sft"
+    if not is_done(stage):
+        scfg = stage_config(
+            SFTConfig,
+            cfg,
+            cfg.sft_args,
+            model=cfg.model,
+            dataset=paths["sft"],
+            output_dir=stage,
+            max_steps=cfg.sft_steps,
+            lr=1e-3,
+            batch_size=16,
+            warmup_ratio=0.05,
+            eval_steps=0,
+            save_steps=100,
+            logging_steps=10,
+        )
+        mark_done(stage, sft.train(scfg, resume=True))
+    return stage / "final"
+
+
+def sample_pairs(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path) -> dict[str, Any]:
+    """Two samples per prompt from the SFT policy, labelled by a Bradley-Terry draw on the gold reward."""
+    from . import task
+
+    stage = out / "pairs"
+    if cfg.preference_dataset:
+        return {"train": cfg.preference_dataset, "eval": None, "best_accuracy": None}
+    if not is_done(stage):
+        info = {}
+        for split, source in (("train", paths["prompts"]), ("eval", paths["eval_prompts"])):
+            prompts = read_jsonl(source)
+            a, b = (
+                sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k) for k in (1, 2)
+            )
+            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=cfg.seed)
+            write_jsonl(rows, stage / f"{split}.jsonl")
+            info[f"{split}_pairs"], info[f"{split}_best_accuracy"] = len(rows), best
+        mark_done(stage, info)
+    info = read_done(stage)
+    return {"train": stage / "train.jsonl", "eval": stage / "eval.jsonl", "best_accuracy": info["eval_best_accuracy"]}
+
+
+def run_rm(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
+    from . import reward
+    from .config import RewardConfig
+
+    if cfg.reward_model:
+        return Path(cfg.reward_model)
+    stage = out / "rm"
+    if not is_done(stage):
+        held_out = dict(eval_dataset=pairs["eval"]) if pairs["eval"] else {}
+        rcfg = stage_config(
+            RewardConfig,
+            cfg,
+            cfg.rm_args,
+            model=sft_dir,
+            dataset=pairs["train"],
+            output_dir=stage,
+            max_steps=cfg.rm_steps,
+            lr=3e-4,
+            batch_size=16,
+            warmup_ratio=0.05,
+            eval_steps=0,
+            save_steps=100,
+            **held_out,
+        )
+        mark_done(stage, reward.train(rcfg, resume=True))
+    return stage / "final"
+
+
+def run_ppo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: Path) -> Path:
+    from . import ppo
+    from .config import PPOConfig
+
+    stage = out / "ppo"
+    if not is_done(stage):
+        pcfg = stage_config(
+            PPOConfig,
+            cfg,
+            cfg.ppo_args,
+            model=sft_dir,
+            reward_model=rm_dir,
+            dataset=paths["prompts"],
+            output_dir=stage,
+            max_steps=cfg.ppo_steps,
+            max_new_tokens=cfg.max_new_tokens,
+            eval_fraction=0.0,
+            eval_steps=0,
+            save_steps=25,
+            logging_steps=5,
+        )
+        mark_done(stage, ppo.train(pcfg, resume=True))
+    return stage / "final"
+
+
+def run_dpo(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
+    from . import dpo
+    from .config import DPOConfig
+
+    stage = out / "dpo"
+    if not is_done(stage):
+        held_out = dict(eval_dataset=pairs["eval"]) if pairs["eval"] else {}
+        dcfg = stage_config(
+            DPOConfig,
+            cfg,
+            cfg.dpo_args,
+            model=sft_dir,
+            dataset=pairs["train"],
+            output_dir=stage,
+            max_steps=cfg.dpo_steps,
+            batch_size=16,
+            eval_steps=0,
+            save_steps=100,
+            **held_out,
+        )
+        mark_done(stage, dpo.train(dcfg, resume=True))
+    return stage / "final"
+
+
+def sample_responses(model_dir: Path, prompts: list[dict], *, max_new_tokens: int, seed: int, batch_size: int = 64):
+    """One sampled response text per prompt row from the model saved in ``model_dir`` (deterministic per seed)."""
+    import torch
+
+    from .collators import PromptCollator
+    from .data import prepare
+    from .generation import generate
+    from .models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), tokenizer)
+    rows = prepare(prompts, tokenizer, "prompt", max_length=10_000, overlong="error")
+    collate = PromptCollator(tokenizer.pad_token_id)
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(rows), batch_size):
+            batch = generate(model, tokenizer, collate(rows[i : i + batch_size]), max_new_tokens=max_new_tokens)
+            P = batch["prompt_length"]
+            for ids, mask in zip(batch["input_ids"][:, P:], batch["response_mask"]):
+                texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
+    return texts
+
+
+def evaluate_stage(
+    cfg: PipelineConfig, out: Path, paths: dict, policies: dict[str, Path], rm_dir: Path | None, pairs: dict
+) -> dict:
+    """Evaluate every trained policy (and best-of-n from SFT) on the held-out prompts; write the report."""
+    import torch
+
+    from . import evaluate as ev
+    from . import task
+    from .models import load_causal_lm, load_reward_model, load_tokenizer
+
+    stage = out / "eval"
+    if is_done(stage):
+        return read_done(stage)
+    builtin_task = not (cfg.sft_dataset or cfg.prompt_dataset or cfg.eval_prompt_dataset)
+    gold_fn = task.gold_reward if builtin_task else (lambda prompt, response: 0.0)  # gold columns dropped below
+    prompts = read_jsonl(paths["eval_prompts"])
+    tokenizer = load_tokenizer(str(policies["sft"]))
+    sft_model = load_causal_lm(str(policies["sft"]), tokenizer).eval()
+    rm = load_reward_model(str(rm_dir), tokenizer).eval() if rm_dir else None
+    common = dict(
+        sft_model=sft_model,
+        reward_model=rm,
+        gold_fn=gold_fn,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=64,
+        seed=cfg.seed,
+    )
+    results: dict[str, Any] = {"policies": {}}
+    with torch.no_grad():
+        base = ev.evaluate_policy(sft_model, tokenizer, prompts, **common)
+        results["policies"]["sft"] = base
+        for name, path in policies.items():
+            if name != "sft":
+                model = load_causal_lm(str(path), tokenizer).eval()
+                results["policies"][name] = ev.evaluate_policy(
+                    model, tokenizer, prompts, baseline_gold=base.get("per_prompt_gold"), **common
+                )
+        if rm is not None and cfg.best_of_n > 1:
+            results["policies"][f"best-of-{cfg.best_of_n} (SFT + RM)"] = ev.best_of_n(
+                sft_model,
+                rm,
+                tokenizer,
+                prompts,
+                n=cfg.best_of_n,
+                baseline_gold=base.get("per_prompt_gold"),
+                **{k: v for k, v in common.items() if k not in ("sft_model", "reward_model")},
+            )
+        if rm is not None and pairs.get("eval"):
+            results["rm_accuracy"] = ev.reward_accuracy(rm, tokenizer, read_jsonl(Path(pairs["eval"])))
+            results["rm_best_accuracy"] = pairs.get("best_accuracy")
+            if builtin_task:  # the gold reward itself as a classifier of these particular (noisy) labels
+                results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), task.gold_reward)
+    for policy in results["policies"].values():
+        policy.pop("per_prompt_gold", None)
+        policy["examples"] = [[p["prompt"], r] for p, r in zip(prompts[:3], policy.pop("responses", [])[:3])]
+        if not builtin_task:
+            for key in ("gold_reward", "gold_reward_sem", "win_rate_vs_sft"):
+                policy.pop(key, None)
+    write_report(cfg, results, out)
+    mark_done(stage, results)
+    return results
+
+
+def gold_label_accuracy(rows: list[dict], gold_fn) -> float:
+    """Share of preference rows whose chosen response has the higher gold reward (ties count half)."""
+    score = 0.0
+    for row in rows:
+        chosen, rejected = gold_fn(row["prompt"], row["chosen"]), gold_fn(row["prompt"], row["rejected"])
+        score += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+    return score / max(len(rows), 1)
+
+
+def write_report(cfg: PipelineConfig, results: dict, out: Path) -> Path:
+    """``results.json``, ``report.md`` and ``report.png`` (gold reward against KL to SFT per policy)."""
+    from .report import render_report
+
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return render_report(cfg, results, out)
+
+
+def train(cfg: PipelineConfig, resume: bool = True) -> dict:
+    """Run the configured stages; ``resume=False`` (``--restart``) deletes earlier stage outputs first."""
+    from .train import seed_everything
+
+    out = Path(cfg.output_dir)
+    if not resume and out.exists():
+        for name in ("data", *STAGE_NAMES, "results.json", "report.md", "report.png"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed, cfg.num_threads)
+    stages = cfg.stage_list()
+    paths = build_data(cfg, out)
+    sft_dir = run_sft(cfg, out, paths) if "sft" in stages else Path(cfg.model)
+    pairs = sample_pairs(cfg, out, paths, sft_dir) if "pairs" in stages or "rm" in stages or "dpo" in stages else {}
+    rm_dir = run_rm(cfg, out, sft_dir, pairs) if "rm" in stages or cfg.reward_model else None
+    policies = {"sft": sft_dir}
+    if "ppo" in stages:
+        policies["ppo"] = run_ppo(cfg, out, paths, sft_dir, rm_dir)
+    if "dpo" in stages:
+        policies["dpo"] = run_dpo(cfg, out, sft_dir, pairs)
+    if "eval" not in stages:
+        return {}
+    return evaluate_stage(cfg, out, paths, policies, rm_dir, pairs)
