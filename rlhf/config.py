@@ -101,7 +101,6 @@ class RewardConfig(TrainConfig):
     center_coef: float = _opt(0.0, "weight of the squared-reward penalty that keeps rewards centred near 0")
 
 
-
 @dataclass
 class DPOConfig(TrainConfig):
     """Direct preference optimisation on chosen/rejected pairs (the loss family of rlhf_kernels.dpo_loss)."""
