@@ -3,12 +3,7 @@ kill-and-resume exactness."""
 
 import csv
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 
@@ -19,7 +14,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from rlhf_cli_helpers import final_weights, kill_then_resume  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
 from rlhf import dpo  # noqa: E402
@@ -28,7 +23,6 @@ from rlhf.models import IGNORE_INDEX, load_causal_lm, load_tokenizer, position_i
 from rlhf.sft import build_policy  # noqa: E402
 from rlhf.train import autocast_context, load_splits  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, plots=False, tensorboard=False, num_threads=1)
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 METRICS += ("logps/chosen", "logps/rejected")
@@ -47,10 +41,6 @@ def rows(tokenizer):
 def _csv(path: Path) -> list[dict]:
     with open(path / "metrics.csv") as f:
         return list(csv.DictReader(f))
-
-
-def _final_weights(path: Path) -> dict:
-    return load_file(str(sorted((path / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
 
 
 def test_dpo_learns_and_logs_every_metric(tmp_path, tokenizer):
@@ -80,7 +70,7 @@ def test_dpo_learns_and_logs_every_metric(tmp_path, tokenizer):
     assert final["eval/rewards/accuracies"] > 0.9 and final["eval/loss"] < 0.55
     assert final["eval/rewards/chosen"] > final["eval/rewards/rejected"]
     initial = build_policy(cfg, tokenizer, "cpu").state_dict()
-    weights = _final_weights(tmp_path)
+    weights = final_weights(tmp_path)
     assert weights.keys() == initial.keys()
     assert all(not torch.equal(weights[k], initial[k]) for k in weights if k.endswith("q_proj.weight"))
     assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "tokenizer.json").is_file()
@@ -216,14 +206,8 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer, rows):
     )
     final = dpo.train(run_cfg)
     assert all(math.isfinite(final[f"train/{name}"]) for name in METRICS)
-    weights = _final_weights(tmp_path)
+    weights = final_weights(tmp_path)
     assert any(not torch.all(weights[k] == 0) for k in weights if "lora_B" in k), "lora_B never moved"
-
-
-def _cli(args, out_dir):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "rlhf", "dpo", *args, f"output_dir={out_dir}", "progress=false", "num_threads=1"]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
@@ -235,27 +219,13 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     dpo.train(load_config(DPOConfig, None, straight))
 
     killed_dir = tmp_path / "killed"
-    victim = _cli(args, killed_dir)
-    deadline = time.monotonic() + 300
-    while not (killed_dir / "checkpoints" / "step-00000004" / "COMPLETE").exists():
-        assert victim.poll() is None, victim.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
-    assert not (killed_dir / "final").exists(), "the run finished before it was killed"
-
-    resumed = _cli([*args, "--resume"], killed_dir)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out.decode()
-    assert "resumed from" in out.decode()
+    kill_then_resume(["dpo", *args], killed_dir, step=4)
     _assert_same_run(tmp_path / "straight", killed_dir, list(range(2, 13, 2)))
 
 
 def _assert_same_run(a_dir: Path, b_dir: Path, train_steps: list[int]):
     """Final checkpoints equal bit for bit; b logged each train step once; the final eval metrics equal."""
-    a, b = _final_weights(a_dir), _final_weights(b_dir)
+    a, b = final_weights(a_dir), final_weights(b_dir)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -4,11 +4,6 @@ the ratio-1 check, the LoRA reference, micro-batch accumulation and kill-and-res
 import copy
 import csv
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +15,7 @@ pytest.importorskip("tokenizers")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from rlhf_cli_helpers import final_weights, finish, kill_then_resume, run_cli  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from rlhf import ppo  # noqa: E402
@@ -287,12 +283,6 @@ def test_exact_kl_matches_full_logits_and_trains(tmp_path, tokenizer):
     assert math.isfinite(final["train/objective/kl"]) and final["train/objective/kl"] >= 0
 
 
-def _cli(args, out_dir):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "rlhf", *args, f"output_dir={out_dir}", "progress=false", "num_threads=1"]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
 def _train_rows(path: Path) -> list[dict]:
     with open(path / "metrics.csv") as f:
         return [r for r in csv.DictReader(f) if r["split"] == "train"]
@@ -304,28 +294,10 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     args += ["logging_steps=2", "eval_steps=4", "rollout_batch_size=4", "mini_batch_size=2", "batch_size=1"]
     args += ["ppo_epochs=2", "max_new_tokens=8", "adaptive_kl=true", "kl_horizon=50", "missing_eos_penalty=1.0"]
     args += ["lr=1e-3", "tensorboard=false", "plots=false", "device=cpu"]
-    straight = _cli(args, tmp_path / "straight")
+    straight = run_cli(args, tmp_path / "straight")  # runs alongside the killed one
     killed_dir = tmp_path / "killed"
-    victim = _cli(args, killed_dir)
-    deadline = time.monotonic() + 300
-    while not (killed_dir / "checkpoints" / "step-00000002" / "COMPLETE").exists():
-        assert victim.poll() is None, victim.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
-    assert not (killed_dir / "final").exists(), "the run finished before it was killed"
-    out, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out.decode()
-
-    resumed = _cli([*args, "--resume"], killed_dir)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out.decode()
-    assert "resumed from" in out.decode()
-
-    def final_weights(path):
-        return load_file(str(sorted((path / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+    kill_then_resume(args, killed_dir, step=2)
+    finish(straight)
 
     a, b = final_weights(tmp_path / "straight"), final_weights(killed_dir)
     assert a.keys() == b.keys() and any(k.startswith("critic.") for k in a)

@@ -1,11 +1,6 @@
 """SFT and reward-model training on the built-in tiny model: learning, accumulation, LoRA, CLI, exact resume."""
 
 import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +10,11 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from rlhf_cli_helpers import final_weights, finish, kill_then_resume, run_cli  # noqa: E402
 
 from rlhf import reward, sft  # noqa: E402
 from rlhf.config import RewardConfig, SFTConfig  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, plots=False, tensorboard=False, num_threads=1)
 
 
@@ -31,11 +25,6 @@ def _rows(path: Path) -> list[dict]:
 
 def _train_losses(path: Path) -> list[float]:
     return [float(r["loss"]) for r in _rows(path) if r["split"] == "train"]
-
-
-def _final_weights(path: Path) -> dict:
-    ckpts = sorted((path / "checkpoints").glob("step-*"))
-    return load_file(str(ckpts[-1] / "model.safetensors"))
 
 
 def test_sft_loss_decreases(tmp_path):
@@ -79,7 +68,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
             **QUIET,
         )
         sft.train(cfg)
-        return _final_weights(tmp_path / out)
+        return final_weights(tmp_path / out)
 
     big, accum = one_step(8, 1, "big"), one_step(2, 4, "accum")
     for name in big:
@@ -132,23 +121,15 @@ def test_lora_training_keeps_base_weights(tmp_path, stage):
     Config, module = (SFTConfig, sft) if stage == "sft" else (RewardConfig, reward)
     cfg = Config(model="builtin-small", output_dir=str(tmp_path), max_steps=3, lora_r=4, save_steps=0, **QUIET)
     module.train(cfg)
-    weights = _final_weights(tmp_path)
+    weights = final_weights(tmp_path)
     lora = [k for k in weights if "lora_" in k]
     assert lora, "no adapter weights in the checkpoint"
     assert any(not torch.all(weights[k] == 0) for k in lora if "lora_B" in k), "lora_B never moved"
     assert (tmp_path / "final" / "config.json").is_file()
 
 
-def _cli(args, out_dir, **popen):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "rlhf", *args, f"output_dir={out_dir}", "progress=false", "num_threads=1"]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-
-
 def test_cli_short_run(tmp_path):
-    proc = _cli(["rm", "model=builtin-small", "max_steps=2", "eval_steps=0", "tensorboard=false"], tmp_path)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out.decode()
+    finish(run_cli(["rm", "model=builtin-small", "max_steps=2", "eval_steps=0", "tensorboard=false"], tmp_path))
     assert (tmp_path / "final" / "score_head.safetensors").is_file()
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.csv").is_file()
 
@@ -157,28 +138,11 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
     """SIGKILL a run after its step-4 checkpoint, resume it, compare with an uninterrupted run bit for bit."""
     args = ["sft", "model=builtin-small", "max_steps=24", "save_steps=4", "keep_checkpoints=2", "logging_steps=2"]
     args += ["eval_steps=8", "tensorboard=false", "plots=false", "lr=1e-3"]
-    straight = _cli(args, tmp_path / "straight")
-    out, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out.decode()
-
+    finish(run_cli(args, tmp_path / "straight"))
     killed_dir = tmp_path / "killed"
-    victim = _cli(args, killed_dir)
-    deadline = time.monotonic() + 300
-    while not (killed_dir / "checkpoints" / "step-00000004" / "COMPLETE").exists():
-        assert victim.poll() is None, victim.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
-    assert not (killed_dir / "final").exists(), "the run finished before it was killed"
+    kill_then_resume(args, killed_dir, step=4)
 
-    resumed = _cli([*args, "--resume"], killed_dir)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out.decode()
-    assert "resumed from" in out.decode()
-
-    a, b = _final_weights(tmp_path / "straight"), _final_weights(killed_dir)
+    a, b = final_weights(tmp_path / "straight"), final_weights(killed_dir)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
