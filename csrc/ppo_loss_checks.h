@@ -1,6 +1,6 @@
-// Argument checks of ppo_policy_fwd / ppo_value_fwd (schemas in csrc/module.cpp), shared by the CPU binding
-// (csrc/cpu/ppo_loss.cpp) and the CUDA one (csrc/cuda/ppo_loss.cu) so that both reject the same calls with the
-// same messages.
+// Argument checks of ppo_policy_fwd / ppo_value_fwd (contracts in rlhf_kernels/_registry.py), shared by the CPU
+// binding (csrc/cpu/ppo_loss.cpp) and the CUDA one (csrc/cuda/ppo_loss.cu) so that both reject the same calls with
+// the same messages.
 #pragma once
 
 #include <ATen/ATen.h>

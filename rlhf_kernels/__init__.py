@@ -5,7 +5,8 @@ Ops: :func:`logprobs`, :func:`entropy`, :func:`fused_linear_logprobs` (per-token
 the reference over the vocabulary); :func:`gae`, :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten`,
 :func:`token_rewards`, :func:`group_advantages` (advantages for PPO, GRPO and RLOO); :func:`ppo_policy_loss`,
 :func:`ppo_value_loss`, :func:`aggregate_loss`, :func:`fused_linear_ppo_loss` (PPO / GRPO losses);
-:func:`dpo_loss`, :func:`fused_linear_dpo_loss` (the DPO family).
+:func:`dpo_loss`, :func:`fused_linear_dpo_loss` (the DPO family); :func:`aggregation_denominator` (the
+``normalizer=`` of these losses for a step split into micro-batches).
 
 Backends: Triton (GPU), CUDA C++ and CPU C++ (``rlhf_kernels._C``, optional), and the PyTorch reference
 (``rlhf_kernels.reference``).
@@ -21,10 +22,10 @@ from .ops.fused_linear_ppo_loss import fused_linear_ppo_loss
 from .ops.gae import gae
 from .ops.group_advantages import broadcast_to_tokens, group_advantages
 from .ops.kl import kl_from_logits
-from .ops.kl_penalty import kl_penalty
+from .ops.kl_penalty import KL_ESTIMATORS, KL_PENALTY_KINDS, kl_penalty
 from .ops.logprobs import entropy, logprobs
 from .ops.masked_stats import masked_mean, masked_var, masked_whiten
-from .ops.ppo_loss import AGG_MODES, aggregate_loss, ppo_policy_loss, ppo_value_loss
+from .ops.ppo_loss import AGG_MODES, aggregate_loss, aggregation_denominator, ppo_policy_loss, ppo_value_loss
 from .ops.token_rewards import token_rewards
 
 __version__ = "0.1.0"
@@ -33,7 +34,10 @@ __all__ = [
     "AGG_MODES",
     "BACKENDS",
     "DPO_LOSS_TYPES",
+    "KL_ESTIMATORS",
+    "KL_PENALTY_KINDS",
     "aggregate_loss",
+    "aggregation_denominator",
     "available_backends",
     "broadcast_to_tokens",
     "backend_status",

@@ -6,7 +6,8 @@ Backends, in order of preference for each device:
     ``triton`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests only: it is slow), never by default.
 
 A call picks a backend with ``backend=`` (highest priority), else the environment variable
-``RLHF_KERNELS_BACKEND``, else the first available one in the order above.
+``RLHF_KERNELS_BACKEND``, else the first available one in the order above. Which backends implement each
+low-level op is in the op table, ``rlhf_kernels._registry.OPS`` (``backend_status(device, op=...)``).
 """
 
 from __future__ import annotations
@@ -45,15 +46,28 @@ def triton_interpreted() -> bool:
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{op}", key)
+    except RuntimeError:  # no such op in this build of rlhf_kernels._C
+        return False
 
 
-def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
-    """For each backend, ``"ok"`` or the reason it cannot run on ``device`` (default: CUDA if present, else CPU)."""
+def backend_status(device: str | torch.device | None = None, op: str | None = None) -> dict[str, str]:
+    """For each backend, ``"ok"`` or the reason it cannot run on ``device`` (default: CUDA if present, else CPU).
+
+    With ``op`` (a low-level op of the op table, e.g. ``"gae_fwd"``; see ``rlhf_kernels._registry.OPS``), whether
+    that op can run on each backend: the backend must implement it and, for ``cpu`` / ``cuda``, the compiled
+    extension must hold its kernel. Without ``op``, whether the backend can run at all.
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device).type
     status: dict[str, str] = {}
+    if op is not None:
+        from ._registry import get_spec  # the table imports this module
+
+        implemented = get_spec(op).backends
+    probe = op or "logprobs_fwd"  # the compiled op whose registration stands for the extension's kernels
 
     ok, why = _triton_importable()
     if not ok:
@@ -71,15 +85,21 @@ def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
     else:
         if dev != "cuda":
             status["cuda"] = "needs CUDA tensors"
-        elif not _has_kernel("logprobs_fwd", "CUDA"):
-            status["cuda"] = "rlhf_kernels._C was built without CUDA sources"
+        elif not _has_kernel(probe, "CUDA"):
+            without = "CUDA sources" if op is None else f"the CUDA kernel of {op}"
+            status["cuda"] = f"rlhf_kernels._C was built without {without}"
         else:
             status["cuda"] = "ok"
         if dev != "cpu":
             status["cpu"] = "needs CPU tensors"
         else:
-            status["cpu"] = "ok" if _has_kernel("logprobs_fwd", "CPU") else "CPU kernels not registered"
+            missing = "CPU kernels not registered" if op is None else f"rlhf_kernels._C has no CPU kernel of {op}"
+            status["cpu"] = "ok" if _has_kernel(probe, "CPU") else missing
     status["reference"] = "ok"
+    if op is not None:
+        for name in BACKENDS:
+            if name not in implemented:
+                status[name] = f"{op} has no {name} implementation"
     return status
 
 

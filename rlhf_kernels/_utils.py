@@ -81,6 +81,17 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
+def row_inputs(op: str, shape: tuple[int, ...], **tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The per-row inputs of a low-level op (gradients, saved statistics): float32 of ``shape`` with any strides,
+    returned contiguous (an O(rows) copy only when they are not), as every backend takes them (op table)."""
+    out = []
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must be float32 of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+        out.append(t.contiguous())
+    return out
+
+
 def rows_3d(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` of shape (..., V) as (B, T, V) without copying, so that kernels get two leading strides.
 

@@ -142,23 +142,33 @@ def gae(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+def aggregate_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-token ``loss`` (..., T) reduced over the tokens where ``mask`` is True, by mode (sequences are the
-    leading dimensions). Positions outside the mask never reach the result, even if they hold NaN."""
+    leading dimensions). Positions outside the mask never reach the result, even if they hold NaN.
+
+    ``normalizer`` (> 0) replaces the batch's denominator: the token count for ``"token-mean"``, the count of
+    sequences with a masked token for ``"seq-mean-token-sum"`` and ``"seq-mean-token-mean"``, and that count
+    times T for ``"seq-mean-token-sum-norm"``."""
     m = mask.bool()
     x = torch.where(m, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    given = None if normalizer is None else torch.as_tensor(normalizer, dtype=x.dtype, device=x.device)
     if agg == "token-mean":
-        return x.sum() / m.sum().clamp_min(1)
+        return x.sum() / (m.sum().clamp_min(1) if given is None else given)
     seq_sum = x.sum(-1)  # (...)
     seq_len = m.sum(-1)
     has_tokens = seq_len > 0
-    n_seq = has_tokens.sum().clamp_min(1)
+    n_seq = has_tokens.sum().clamp_min(1) if given is None else given
     if agg == "seq-mean-token-sum":
         return seq_sum.sum() / n_seq
     if agg == "seq-mean-token-mean":
         return (seq_sum / seq_len.clamp_min(1)).sum() / n_seq
     if agg == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / n_seq / loss.shape[-1]
+        return seq_sum.sum() / n_seq / loss.shape[-1] if given is None else seq_sum.sum() / given
     raise ValueError(f"unknown agg {agg!r}")
 
 
@@ -181,9 +191,11 @@ def ppo_policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (https://arxiv.org/abs/1707.06347), optionally dual-clipped
-    (https://arxiv.org/abs/1912.09729). All inputs (..., T); returns (loss, stats) in fp32 (fp64 for fp64)."""
+    (https://arxiv.org/abs/1912.09729). All inputs (..., T); returns (loss, stats) in fp32 (fp64 for fp64).
+    ``normalizer``: as in :func:`aggregate_loss`; the stats are means over this batch."""
     dtype = torch.promote_types(_upcast(logprobs).dtype, _upcast(old_logprobs).dtype)
     lp, old, adv = (_masked_out(x, mask, dtype) for x in (logprobs, old_logprobs.detach(), advantages.detach()))
     log_ratio = lp - old
@@ -201,7 +213,7 @@ def ppo_policy_loss(
         "policy/approxkl": _masked_mean(-log_ratio.detach(), mask),
         "policy/clipfrac_lower": _masked_mean(lower.to(dtype), mask),
     }
-    return aggregate_loss(per_token, mask, agg), stats
+    return aggregate_loss(per_token, mask, agg, normalizer), stats
 
 
 def ppo_value_loss(
@@ -211,15 +223,17 @@ def ppo_value_loss(
     mask: torch.Tensor,
     clip: float | None = 0.2,
     agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, old - c, old + c) - R)^2), aggregated by ``agg``."""
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, old - c, old + c) - R)^2), aggregated by ``agg``
+    (``normalizer`` as in :func:`aggregate_loss`)."""
     dtype = torch.promote_types(_upcast(values).dtype, _upcast(old_values).dtype)
     v, old, ret = (_masked_out(x, mask, dtype) for x in (values, old_values.detach(), returns.detach()))
     unclipped = (v - ret).square()
     clipped = unclipped if clip is None else (torch.minimum(torch.maximum(v, old - clip), old + clip) - ret).square()
     per_token = 0.5 * torch.maximum(unclipped, clipped)
     stats = {"val/clipfrac": _masked_mean((clipped > unclipped).to(dtype), mask)}
-    return aggregate_loss(per_token, mask, agg), stats
+    return aggregate_loss(per_token, mask, agg, normalizer), stats
 
 
 def dpo_loss(
@@ -267,7 +281,7 @@ def fused_linear_ppo_loss(
     bias: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
-    kl_kind: str = "k3",
+    kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     clip_low: float = 0.2,
@@ -275,21 +289,23 @@ def fused_linear_ppo_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     ignore_index: int = -100,
+    normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The unfused composition: full logits -> log-probs and entropy -> clipped surrogate + kl_coef * KL estimator
-    - entropy_coef * entropy, each aggregated by ``agg`` over ``mask``."""
+    - entropy_coef * entropy, each aggregated by ``agg`` over ``mask`` (``normalizer`` as in
+    :func:`aggregate_loss`)."""
     from .ops.kl_penalty import kl_penalty_from_delta
 
     m = mask.bool()
     labels = torch.where(m, labels, torch.full_like(labels, ignore_index))
     lp, ent = fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
-    loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, m, clip_low, clip_high, dual_clip, agg)
+    loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, m, clip_low, clip_high, dual_clip, agg, normalizer)
     stats["policy/entropy"] = _masked_mean(ent.detach(), m)
     dev = (lp.detach() - _masked_out(old_logprobs.detach(), m, lp.dtype)).abs()
     stats["policy/max_abs_log_ratio"] = torch.where(m, dev, torch.zeros((), dtype=dev.dtype, device=dev.device)).amax()
-    loss = loss - entropy_coef * aggregate_loss(ent, m, agg)
+    loss = loss - entropy_coef * aggregate_loss(ent, m, agg, normalizer)
     if ref_logprobs is not None:
-        kl = kl_penalty_from_delta(lp - _masked_out(ref_logprobs.detach(), m, lp.dtype), kl_kind)
+        kl = kl_penalty_from_delta(lp - _masked_out(ref_logprobs.detach(), m, lp.dtype), kl_estimator)
         stats["policy/kl"] = _masked_mean(kl.detach(), m)
-        loss = loss + kl_coef * aggregate_loss(kl, m, agg)
+        loss = loss + kl_coef * aggregate_loss(kl, m, agg, normalizer)
     return loss, stats

@@ -70,7 +70,7 @@ def composition(h, w, b, labels, old, adv, mask, ref, o, backend):
     loss = loss - o["entropy_coef"] * rlhf_kernels.aggregate_loss(ent, mask, o["agg"])
     stats["policy/entropy"] = ent[mask].mean() if mask.any() else ent.new_zeros(())
     if ref is not None:
-        kl = rlhf_kernels.kl_penalty(lp, torch.where(mask, ref, 0.0), o["kl_kind"])
+        kl = rlhf_kernels.kl_penalty(lp, torch.where(mask, ref, 0.0), o["kl_estimator"])
         loss = loss + o["kl_coef"] * rlhf_kernels.aggregate_loss(kl, mask, o["agg"])
         stats["policy/kl"] = kl[mask].mean() if mask.any() else kl.new_zeros(())
     return loss, stats
@@ -88,18 +88,20 @@ def plain_torch(h, w, b, labels, old, adv, mask, ref, o):
     agg = o["agg"]
     loss = reference.aggregate_loss(per, mask, agg) - o["entropy_coef"] * reference.aggregate_loss(ent, mask, agg)
     if ref is not None:
-        kl = kl_penalty_from_delta(lp - ref, o["kl_kind"])
+        kl = kl_penalty_from_delta(lp - ref, o["kl_estimator"])
         loss = loss + o["kl_coef"] * reference.aggregate_loss(kl, mask, agg)
     return loss, {}
 
 
-BASE = dict(kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None)
+BASE = dict(
+    kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None
+)
 CASES = {  # name: (options, per-sequence advantages, chunk_size)
     "token-mean k3 entropy T=0.8": (dict(agg="token-mean", kl_coef=0.1, entropy_coef=0.01, temperature=0.8), 0, None),
-    "seq-sum k1": (dict(agg="seq-mean-token-sum", kl_coef=0.05, kl_kind="k1"), 0, 1),
-    "seq-mean abs dual": (dict(agg="seq-mean-token-mean", kl_coef=0.2, kl_kind="abs", dual_clip=3.0), 0, 5),
+    "seq-sum k1": (dict(agg="seq-mean-token-sum", kl_coef=0.05, kl_estimator="k1"), 0, 1),
+    "seq-mean abs dual": (dict(agg="seq-mean-token-mean", kl_coef=0.2, kl_estimator="abs", dual_clip=3.0), 0, 5),
     "sum-norm k2 GRPO T=1.3": (
-        dict(agg="seq-mean-token-sum-norm", kl_coef=0.1, kl_kind="k2", entropy_coef=0.05, temperature=1.3),
+        dict(agg="seq-mean-token-sum-norm", kl_coef=0.1, kl_estimator="k2", entropy_coef=0.05, temperature=1.3),
         1,
         5,
     ),
@@ -274,8 +276,8 @@ def test_bad_inputs():
     bad[0, 5] = -100  # a masked position
     with pytest.raises(ValueError, match="mask selects a position whose label is ignore_index=-100"):
         rlhf_kernels.fused_linear_ppo_loss(hidden, weight, bad, old, adv, mask)
-    with pytest.raises(ValueError, match="unknown KL estimator kind 'k4'"):
-        rlhf_kernels.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, ref_logprobs=ref, kl_kind="k4")
+    with pytest.raises(ValueError, match="unknown kl_estimator 'k4'"):
+        rlhf_kernels.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, ref_logprobs=ref, kl_estimator="k4")
     bad = labels.clone()
     bad[0, 5] = V  # out of range inside the mask
     with pytest.raises(ValueError, match="labels must lie"):

@@ -50,7 +50,7 @@ def term_rtol(device):
 
 
 def sum_rtol(device):
-    """Bound on |sum of partials - fp64 sum| / sum |terms|: every term's own error, plus one rounding of each
+    """Bound on |sums - fp64 sum| / sum |terms|: every term's own error, plus one rounding of each per-block
     partial to fp32 (the backends add a block's terms in fp64, whose error is negligible at these lengths)."""
     return term_rtol(device) + U
 
@@ -64,8 +64,8 @@ def value_op(v, old, ret, w, clip):
 
 
 def ref_policy(lp, olp, adv, w, clip_low, clip_high, dual_clip):
-    """Schema formulas in fp64, on CPU. Returns grad (N,) and the per-token terms (4, N) whose sums are the columns
-    of partials. d is formed in fp32 like the op does (exp turns its rounding into up to 20 u); the rest is fp64."""
+    """Schema formulas in fp64, on CPU. Returns grad (N,) and the per-token terms (4, N) whose sums are the op's
+    sums. d is formed in fp32 like the op does (exp turns its rounding into up to 20 u); the rest is fp64."""
     lp, olp, adv, w = (x.cpu() for x in (lp, olp, adv, w))
     d = (lp - olp).double()
     A, W = adv.double(), w.double()
@@ -97,12 +97,11 @@ def ref_value(v, old, ret, w, clip):
     return torch.where(counts & ~clipped, W * a, 0.0), torch.where(counts, terms, 0.0)
 
 
-def check_against_ref(device, grad, partials, ref_grad, ref_terms):
+def check_against_ref(device, grad, sums, ref_grad, ref_terms):
     assert grad.dtype == torch.float32 and grad.shape == ref_grad.shape
-    assert partials.dtype == torch.float32 and partials.dim() == 2 and partials.size(0) >= 1
-    assert partials.size(1) == ref_terms.size(0)
+    assert sums.dtype == torch.float32 and sums.shape == (ref_terms.size(0),)
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=term_rtol(device), atol=0)
-    sums = partials.cpu().double().sum(0)
+    sums = sums.cpu().double()
     for col in range(ref_terms.size(0)):
         expect = ref_terms[col].sum().item()
         if col % 2 == 1:  # counts (columns 1 and 3) are exact
@@ -158,14 +157,14 @@ POLICY_HAND = {
 def test_policy_hand_computed(device, case):
     (lp, olp, adv, w, cl, ch, dual), (g, loss, clipped, kl, lower) = POLICY_HAND[case]
     inputs = tensors(device, [lp], [olp], [adv], [w])
-    grad, partials = policy_op(*inputs, cl, ch, dual)
-    assert partials.shape == (1, 4)
+    grad, sums = policy_op(*inputs, cl, ch, dual)
+    assert sums.shape == (4,)
     rtol = term_rtol(device)
     assert grad.item() == pytest.approx(g, rel=rtol, abs=0)
-    assert partials[0, 0].item() == pytest.approx(loss, rel=rtol, abs=0)
-    assert partials[0, 2].item() == pytest.approx(kl, rel=U, abs=0)
-    assert (partials[0, 1].item(), partials[0, 3].item()) == (clipped, lower)
-    check_against_ref(device, grad, partials, *ref_policy(*inputs, cl, ch, dual))
+    assert sums[0].item() == pytest.approx(loss, rel=rtol, abs=0)
+    assert sums[2].item() == pytest.approx(kl, rel=U, abs=0)
+    assert (sums[1].item(), sums[3].item()) == (clipped, lower)
+    check_against_ref(device, grad, sums, *ref_policy(*inputs, cl, ch, dual))
 
 
 # (v, old, R, w, clip) -> (grad, weight * l, clipped), one token each.
@@ -194,11 +193,11 @@ VALUE_HAND = {
 def test_value_hand_computed(device, case):
     (v, old, ret, w, clip), (g, loss, clipped) = VALUE_HAND[case]
     inputs = tensors(device, [v], [old], [ret], [w])
-    grad, partials = value_op(*inputs, clip)
-    assert partials.shape == (1, 2)
+    grad, sums = value_op(*inputs, clip)
+    assert sums.shape == (2,)
     # every value here is exact in fp32: exact results
-    assert (grad.item(), partials[0, 0].item(), partials[0, 1].item()) == (g, loss, clipped)
-    check_against_ref(device, grad, partials, *ref_value(*inputs, clip))
+    assert (grad.item(), sums[0].item(), sums[1].item()) == (g, loss, clipped)
+    check_against_ref(device, grad, sums, *ref_value(*inputs, clip))
 
 
 def policy_inputs(n, device, clip_low, clip_high, dual_clip):
@@ -248,8 +247,8 @@ SIZES = [1, 31, 32, 33, 2048, 2049, 3 * 2048 + 5, 20000]
 @pytest.mark.parametrize("clips", [(0.2, 0.2, 0.0), (0.2, 0.28, 3.0), (0.0, 0.0, 1.5)])
 def test_policy_matches_reference(device, n, clips):
     inputs = policy_inputs(n, device, *clips)
-    grad, partials = policy_op(*inputs, *clips)
-    check_against_ref(device, grad, partials, *ref_policy(*inputs, *clips))
+    grad, sums = policy_op(*inputs, *clips)
+    check_against_ref(device, grad, sums, *ref_policy(*inputs, *clips))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -257,8 +256,8 @@ def test_policy_matches_reference(device, n, clips):
 @pytest.mark.parametrize("clip", [0.2, 0.0, 10.0, math.inf])
 def test_value_matches_reference(device, n, clip):
     inputs = value_inputs(n, device, clip)
-    grad, partials = value_op(*inputs, clip)
-    check_against_ref(device, grad, partials, *ref_value(*inputs, clip))
+    grad, sums = value_op(*inputs, clip)
+    check_against_ref(device, grad, sums, *ref_value(*inputs, clip))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,10 +284,10 @@ def test_ignored_tokens_are_never_read(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     x = torch.empty(0, device=device)
-    grad, partials = policy_op(x, x, x, x, 0.2, 0.2, 3.0)
-    assert grad.shape == (0,) and partials.shape == (1, 4) and not partials.any()
-    grad, partials = value_op(x, x, x, x, 0.2)
-    assert grad.shape == (0,) and partials.shape == (1, 2) and not partials.any()
+    grad, sums = policy_op(x, x, x, x, 0.2, 0.2, 3.0)
+    assert grad.shape == (0,) and sums.shape == (4,) and not sums.any()
+    grad, sums = value_op(x, x, x, x, 0.2)
+    assert grad.shape == (0,) and sums.shape == (2,) and not sums.any()
 
 
 @pytest.mark.parametrize("n", [2048, 5 * 2048 + 77, 100_000, 300_001])

@@ -1,4 +1,5 @@
-// CPU implementation of gae_fwd (schema in csrc/module.cpp): masked generalised advantage estimation.
+// CPU implementation of gae_fwd (contract in the op table, rlhf_kernels/_registry.py): masked generalised
+// advantage estimation.
 //
 // Per row, backwards over t with next_value = acc = 0 (fp32):
 //   mask[t]:  acc = (r_t + gamma next_value - V_t) + gamma lam acc,  next_value = V_t

@@ -1,4 +1,4 @@
-// CPU implementation of kl_fwd / kl_bwd (schemas in csrc/module.cpp).
+// CPU implementation of kl_fwd / kl_bwd (contracts in the op table, rlhf_kernels/_registry.py).
 //
 // Per row, z = float(logits) * inv_temperature (policy) and w = float(ref_logits) * inv_temperature (reference).
 // The distribution that weights the sum is a, the other one b: (a, b) = (z, w) for reverse (KL(p || q)), else

@@ -1,4 +1,4 @@
-// CPU implementation of logprobs_fwd / logprobs_bwd (schemas in csrc/module.cpp).
+// CPU implementation of logprobs_fwd / logprobs_bwd (contracts in the op table, rlhf_kernels/_registry.py).
 //
 // Per row x (V logits) with z = float(x) * inv_temperature:
 //   forward:  m = max z, s = sum exp(z - m), t = sum exp(z - m) (z - m)
@@ -22,9 +22,9 @@
 //     instantiated per ISA (AVX-512 / AVX2+FMA / generic) and chosen at run time (row_kernel.h, vec_math.h).
 //
 // Non-finite rows: a NaN or +-inf logit makes t NaN (NaN propagates; -inf gives exp(..) = 0 times -inf; +inf
-// gives inf - inf), and the row's logprob and entropy are then NaN. Ignored rows (label == ignore_index)
-// give exactly 0 for both (row_max = log_norm = 0) and a zero gradient; a label outside [0, V) gives a NaN
-// logprob and no one-hot gradient term (never an out-of-bounds access).
+// gives inf - inf), and the row's logprob and entropy are then NaN. Ignored rows (label == ignore_index) are
+// not read and give exactly 0 for all four outputs and a zero gradient (the op table's convention); a label
+// outside [0, V) gives a NaN logprob and no one-hot gradient term (never an out-of-bounds access).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -1,11 +1,11 @@
-// CPU implementation of ppo_policy_fwd and ppo_value_fwd (schemas in csrc/module.cpp): the PPO clipped surrogate
-// and the clipped value loss, per token, fused with their gradients and with the partial sums of the loss and
-// its statistics.
+// CPU implementation of ppo_policy_fwd and ppo_value_fwd (contracts in the op table, rlhf_kernels/_registry.py):
+// the PPO clipped surrogate and the clipped value loss, per token, fused with their gradients and with the sums of
+// the loss and its statistics.
 //
-// Work split. The N tokens are cut into blocks of kPpoBlock = 2048 consecutive tokens; block b writes row b of
-// partials, so P = max(1, ceil(N / 2048)) on this backend, a function of N only. Blocks are spread over threads
-// with at::parallel_for (one block is always summed by one thread), so every output is bitwise the same whatever
-// the thread count.
+// Work split. The N tokens are cut into blocks of kPpoBlock = 2048 consecutive tokens; block b writes row b of an
+// fp64 partials buffer (P = ceil(N / 2048) rows), and the rows are then added in block order into the (K,) sums.
+// Blocks are spread over threads with at::parallel_for (one block is always summed by one thread), so every output
+// is bitwise the same whatever the thread count.
 //
 // Inside a block, tokens go by groups of kLanes = 32: token j of a group adds its terms to lane j of the block's
 // accumulators, and the lanes are reduced in a fixed pairwise order (lanes_sum). The per-token loop has no
@@ -18,10 +18,10 @@
 // weight 0, adds exactly 0, so the result is the same as if the tail were handled token by token.
 //
 // Precision. Every per-token quantity is fp32 (r = exp_f32(clamp(d)), below 1 ulp). The lane sums (loss, and the
-// log-ratio sum) are fp64: a block's sum then carries only the per-term fp32 errors plus one rounding of the
-// partial to fp32, with no growth in the block length (fp32 lanes would add up to 2048 / 32 + 5 roundings per
-// term). The lane counts are fp32, exact (at most 64 per lane). Against all-fp32 lanes this costs about 10% in
-// cache, less once the 16 bytes read and 4 written per token come from memory.
+// log-ratio sum), the block partials and their total are fp64: a sum then carries only the per-term fp32 errors
+// plus one final rounding to fp32, with no growth in the length (fp32 lanes would add up to 2048 / 32 + 5
+// roundings per term). The lane counts are fp32, exact (at most 64 per lane). Against all-fp32 lanes this costs
+// about 10% in cache, less once the 16 bytes read and 4 written per token come from memory.
 //
 // Tokens that do not count (weight == 0) contribute exactly 0 to grad and to every partial, whatever their other
 // inputs hold (NaN, inf): their terms are discarded by selects, never multiplied by the zero weight.
@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
@@ -53,7 +54,7 @@ int64_t num_blocks(int64_t n) { return (n + kPpoBlock - 1) / kPpoBlock; }
 struct TokenArgs {
   const float* in[4];
   float* grad;
-  float* partials;  // (P, 2 * Loss::kPairs)
+  double* partials;  // (P, 2 * Loss::kPairs)
   int64_t n;
   float c0, c1, c2;
 };
@@ -155,30 +156,38 @@ struct PpoKernel {
         Loss::template group<kFma>(x[0], x[1], x[2], x[3], g, p, acc);
         std::copy(g, g + (end - i), p.grad + i);
       }
-      float* out = p.partials + b * 2 * kPairs;
+      double* out = p.partials + b * 2 * kPairs;
       for (int k = 0; k < kPairs; ++k) {
-        out[2 * k] = static_cast<float>(lanes_sum(acc.sum[k]));
-        out[2 * k + 1] = lanes_sum(acc.count[k]);
+        out[2 * k] = lanes_sum(acc.sum[k]);
+        out[2 * k + 1] = lanes_sum(acc.count[k]);  // exact
       }
     }
   }
 };
 
-// Allocates grad (N,) and partials (P, 2 kPairs), runs the blocks in parallel. N = 0: partials is one row of zeros.
+// Allocates grad (N,) and sums (2 kPairs,), runs the blocks in parallel, then adds their partials in block order.
+// N = 0: the sums are zeros.
 template <typename Loss>
 std::tuple<at::Tensor, at::Tensor> run_loss(const at::Tensor (&inputs)[4], int64_t n, float c0, float c1,
                                             float c2) {
+  constexpr int kCols = 2 * Loss::kPairs;
   const auto opts = inputs[0].options();
   at::Tensor grad = at::empty({n}, opts);
-  if (n == 0) return {grad, at::zeros({1, 2 * Loss::kPairs}, opts)};
+  at::Tensor sums = at::empty({kCols}, opts);
   const int64_t n_blocks = num_blocks(n);
-  at::Tensor partials = at::empty({n_blocks, 2 * Loss::kPairs}, opts);  // every row is written by its block
+  std::vector<double> partials(static_cast<size_t>(n_blocks * kCols));  // every row is written by its block
   const TokenArgs args{{inputs[0].const_data_ptr<float>(), inputs[1].const_data_ptr<float>(),
                         inputs[2].const_data_ptr<float>(), inputs[3].const_data_ptr<float>()},
-                       grad.mutable_data_ptr<float>(), partials.mutable_data_ptr<float>(), n, c0, c1, c2};
-  at::parallel_for(0, n_blocks, grain_rows(kPpoBlock),
-                   [&](int64_t b0, int64_t b1) { run_rows<PpoKernel<Loss>>(args, b0, b1); });
-  return {grad, partials};
+                       grad.mutable_data_ptr<float>(), partials.data(), n, c0, c1, c2};
+  if (n > 0)
+    at::parallel_for(0, n_blocks, grain_rows(kPpoBlock),
+                     [&](int64_t b0, int64_t b1) { run_rows<PpoKernel<Loss>>(args, b0, b1); });
+  double total[kCols] = {};
+  for (int64_t b = 0; b < n_blocks; ++b)
+    for (int c = 0; c < kCols; ++c) total[c] += partials[b * kCols + c];
+  float* out = sums.mutable_data_ptr<float>();
+  for (int c = 0; c < kCols; ++c) out[c] = static_cast<float>(total[c]);
+  return {grad, sums};
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& old_logprobs,

@@ -1,4 +1,4 @@
-// CUDA implementation of rlhf_kernels_C::gae_fwd (schema in csrc/module.cpp).
+// CUDA implementation of rlhf_kernels_C::gae_fwd (contract in the op table, rlhf_kernels/_registry.py).
 //
 // This file only validates arguments, allocates outputs and launches the torch-free kernel of gae.cuh on the
 // current stream of the rewards' device. No host synchronisation, and the inputs are never copied.

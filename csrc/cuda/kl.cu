@@ -1,4 +1,4 @@
-// CUDA implementation of rlhf_kernels_C::kl_fwd / kl_bwd (schemas in csrc/module.cpp).
+// CUDA implementation of rlhf_kernels_C::kl_fwd / kl_bwd (contracts in the op table, rlhf_kernels/_registry.py).
 //
 // This file only validates arguments, allocates outputs and launches the torch-free kernels of kl.cuh on the
 // current stream of the logits' device. No host synchronisation, and the logits are never copied (the small

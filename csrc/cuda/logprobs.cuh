@@ -12,8 +12,9 @@
 // The log-sum-exp m + log s is never formed: rounding it to fp32 would cost ulp(|m + log s|) of absolute error
 // in every log-prob and every p of the backward (large for logits of a few hundred). Every exponential is one
 // ex2.approx of the small difference d * log2(e) (exp_approx), never of z and m prescaled separately.
-// Special rows: label == ignore_index -> logprob = entropy = row_max = log_norm = 0; label outside [0, V) ->
-// logprob = NaN; a NaN or +-inf logit makes the row's entropy sum t NaN -> logprob = entropy = NaN.
+// Special rows: label == ignore_index -> the row is not read, logprob = entropy = row_max = log_norm = 0 (the op
+// table's convention, rlhf_kernels/_registry.py); label outside [0, V) -> logprob = NaN; a NaN or +-inf logit
+// makes the row's entropy sum t NaN -> logprob = entropy = NaN.
 //
 // Backward, per element: lp_v = (z_v - m) - log_norm (in this order), p_v = e^{lp_v},
 //   g_z = -p_v (g_lp + g_H (lp_v + H)) + [v == label] g_lp,  grad = g_z * inv_temperature.
@@ -202,15 +203,15 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
     const int64_t row = blk * rows_per_block + group;
     const bool valid = row < n_rows;
     SoftmaxState st = state_empty();
-    int64_t label = ignore_index;
+    // Every thread of the row reads its label (one cached line per row group): an ignored row is not read at all.
+    const int64_t label = valid ? labels[row] : ignore_index;
+    const bool used = label != ignore_index;
     float z_label = 0.f;
-    if (valid) {
+    if (used) {
       const int64_t b = row / n_t;
       const raw_t* x = base + b * stride_b + (row - b * n_t) * stride_t;
-      if (tid == 0) {  // the thread that writes the outputs reads the label and its logit early (bounds-checked)
-        label = labels[row];
-        if (label >= 0 && label < n_v) z_label = __fmul_rn(Tr::to_float(ld_cached(x + label)), inv_temperature);
-      }
+      if (tid == 0 && label >= 0 && label < n_v)  // the thread that writes the outputs reads the label's logit early
+        z_label = __fmul_rn(Tr::to_float(ld_cached(x + label)), inv_temperature);
       if ((reinterpret_cast<uintptr_t>(x) & 15) == 0)
         accumulate_row<T, true>(x, tid, tpr, n_v, inv_temperature, st);
       else
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
       SoftmaxState w = lane < warps_per_row ? warp_states[first_warp + lane] : state_empty();
       w = warp_reduce_state(w);
       if (lane == 0) {
-        const bool used = label != ignore_index, finite = !isnan(w.t);  // ignored row: all four outputs 0
+        const bool finite = !isnan(w.t);  // ignored row: all four outputs 0 (its state stayed empty)
         const float log_norm = used ? logf(w.s) : 0.f;
         out_row_max[row] = used ? w.m : 0.f;
         out_log_norm[row] = log_norm;

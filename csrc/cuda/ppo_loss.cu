@@ -1,8 +1,10 @@
-// CUDA implementation of rlhf_kernels_C::ppo_policy_fwd / ppo_value_fwd (schemas in csrc/module.cpp).
+// CUDA implementation of rlhf_kernels_C::ppo_policy_fwd / ppo_value_fwd (contracts in the op table,
+// rlhf_kernels/_registry.py).
 //
 // This file only validates arguments (the checks shared with the CPU backend, ppo_loss_checks.h), allocates the
-// outputs and launches the torch-free kernel of ppo_loss.cuh on the current stream of the inputs' device. No host
-// synchronisation, and the inputs are never copied.
+// outputs, launches the torch-free kernel of ppo_loss.cuh on the current stream of the inputs' device, and adds the
+// kernel's per-chunk partials (fp32, one row per 2048 tokens) into the (K,) sums in fp64 with one fixed-order
+// reduction (bitwise reproducible), rounded once to fp32. No host synchronisation, and the inputs are never copied.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,7 +18,7 @@
 
 namespace {
 
-// grad (N,) and partials (ceil(N / 2048), 2 kPairs), or one row of zeros for N = 0 (nothing to launch).
+// grad (N,) and sums (2 kPairs,) of the partials (ceil(N / 2048), 2 kPairs); zeros for N = 0 (nothing to launch).
 template <typename Loss>
 std::tuple<at::Tensor, at::Tensor> run_loss(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& x2,
                                             const at::Tensor& weight, int64_t n, const Loss& loss) {
@@ -24,14 +26,14 @@ std::tuple<at::Tensor, at::Tensor> run_loss(const at::Tensor& x0, const at::Tens
   const c10::cuda::CUDAGuard device_guard(x0.device());
   const auto opts = x0.options();
   at::Tensor grad = at::empty({n}, opts);
-  if (n == 0) return {grad, at::zeros({1, kCols}, opts)};
+  if (n == 0) return {grad, at::zeros({kCols}, opts)};
   at::Tensor partials = at::empty({rlhf_cuda::ppo_num_chunks(n), kCols}, opts);  // every row is written
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x0.device().index()).stream();
   C10_CUDA_CHECK(rlhf_cuda::launch_ppo_loss(x0.const_data_ptr<float>(), x1.const_data_ptr<float>(),
                                             x2.const_data_ptr<float>(), weight.const_data_ptr<float>(),
                                             grad.mutable_data_ptr<float>(), partials.mutable_data_ptr<float>(), n,
                                             loss, stream));
-  return {grad, partials};
+  return {grad, partials.sum(0, /*keepdim=*/false, at::kDouble).to(at::kFloat)};
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_policy_fwd_cuda(const at::Tensor& logprobs, const at::Tensor& old_logprobs,

@@ -1,16 +1,17 @@
 // Fused PPO losses, per token, with their gradients and per-block partial sums: the clipped surrogate
-// (ppo_policy_fwd) and the clipped value loss (ppo_value_fwd); the formulas are the schemas' in csrc/module.cpp.
+// (ppo_policy_fwd) and the clipped value loss (ppo_value_fwd); the formulas are the op table's
+// (rlhf_kernels/_registry.py).
 //
 // Torch-free: raw pointers and sizes in, cudaError_t out. The binding is csrc/cuda/ppo_loss.cu; the CPU twin is
 // csrc/cpu/ppo_loss.cpp.
 //
 // Layout: four fp32 (N,) contiguous inputs (weight last); outputs fp32 grad (N,) and partials (P, 2 kPairs)
-// row-major, whose column 2 k is the sum of term k and column 2 k + 1 the count k (the column order of both
-// schemas).
+// row-major, whose column 2 k is the sum of term k and column 2 k + 1 the count k (the order of the ops' sums,
+// which the binding forms from these rows).
 //
 // Work split: chunk c is tokens [c 2048, min(N, (c + 1) 2048)); blocks of kPpoThreads = 256 threads walk the
 // chunks grid-stride, one chunk per iteration, and chunk c writes row c of partials: P = ceil(N / 2048), a function
-// of N only, as on the CPU backend (N = 0 launches nothing; the binding returns one row of zeros). Thread t owns
+// of N only, as on the CPU backend (N = 0 launches nothing; the binding returns zero sums). Thread t owns
 // the 4-token vectors t and t + 256 of its chunk, so consecutive threads read consecutive 16 bytes of each input:
 // one 16-byte streaming load per input and vector when every pointer is 16-byte aligned and the vector lies
 // inside [0, N), else four bounds-checked scalar loads of the same tokens (the last, partial vector).

@@ -1,9 +1,13 @@
-"""Shared pieces of the fused-linear ops, which run an LM head over chunks of tokens: argument checks, the
-default chunk size, and the accumulation of the chunked GEMM gradients."""
+"""Shared pieces of the fused-linear ops, which run an LM head over chunks of tokens: argument checks, the chunk
+size, the rows worth computing, and :func:`run_chunks`, the one chunk loop (logits GEMM, the op's step function,
+the gradient GEMMs) that every fused-linear op drives with its own per-chunk step and output assembly."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 from .._utils import check_float_tensor
 
@@ -60,31 +64,87 @@ def detach_without_grad(*tensors):
     return tuple(None if t is None else t.detach() for t in tensors)
 
 
-class LinearGrads:
-    """Gradients of ``logits = hidden @ weight.T + bias`` (hidden (N, H)) accumulated chunk by chunk from the
-    logit gradients: ``grad_hidden`` is written per chunk, ``grad_weight`` and ``grad_bias`` summed in fp32."""
+class Chunk(NamedTuple):
+    """A chunk of rows of ``hidden`` (N, H) for :func:`run_chunks`."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple) -> None:
-        self.hidden, self.weight, self.bias = hidden, weight, bias
-        need_h, need_w, need_b = needs
-        self.grad_h = torch.empty_like(hidden) if need_h else None
-        self.grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        self.grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    rows: slice | torch.Tensor  # a range of rows, or their indices (int64, sorted, distinct)
+    info: Any = None  # whatever the op's step function needs to know about the chunk (DPO: its pairs)
 
-    def add_chunk(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
-        """grad_logits (end - start, V), in the dtype of the logits."""
-        if self.grad_h is not None:
-            torch.mm(grad_logits, self.weight, out=self.grad_h[start:end])
-        if self.grad_w is not None:
-            _addmm_fp32(self.grad_w, grad_logits.t(), self.hidden[start:end])
-        if self.grad_b is not None:
-            self.grad_b += grad_logits.sum(0, dtype=torch.float32)
 
-    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(grad_hidden, grad_weight, grad_bias) in the dtypes of hidden, weight and bias."""
-        grad_w = None if self.grad_w is None else self.grad_w.to(self.weight.dtype)
-        grad_b = None if self.grad_b is None else self.grad_b.to(self.bias.dtype)
-        return self.grad_h, grad_w, grad_b
+def token_chunks(n_rows: int, chunk: int) -> list[Chunk]:
+    """Consecutive ranges of ``chunk`` rows covering [0, n_rows)."""
+    return [Chunk(slice(s, min(s + chunk, n_rows))) for s in range(0, n_rows, chunk)]
+
+
+def chunk_rows(chunk_size: int | None, n_rows: int, weight: torch.Tensor) -> int:
+    """Rows per chunk: ``chunk_size`` (checked by :func:`check_chunk_size`), else :func:`default_chunk_size`."""
+    V, H = weight.shape
+    return max(int(chunk_size) if chunk_size is not None else default_chunk_size(n_rows, V, H), 1)
+
+
+def _take(x: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    if x is None:
+        return None
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def run_chunks(hidden, weight, bias, chunks, step, inputs=(), needs=(False, False, False)):
+    """The chunk loop of every fused-linear op: logits = hidden @ weight.T + bias, one chunk of rows at a time.
+
+    For each :class:`Chunk` in order: the chunk's logits (C, V) (GEMM 1) and its rows of each per-row tensor of
+    ``inputs`` (N, ...) (None stays None) go to ``step(chunk, logits, *rows) -> (grad_logits, out)``;
+    ``grad_logits`` (C, V) in the logits' dtype, or None, is the gradient of the op's output with respect to the
+    chunk's logits, applied at once: grad_hidden = grad_logits @ weight (GEMM 2), grad_weight += grad_logits.T @
+    hidden and grad_bias += its column sums (GEMM 3, fp32 accumulators). Only one chunk of logits and logit
+    gradients is alive at a time: peak extra memory O(C x V).
+
+    ``needs``: which of (grad_hidden, grad_weight, grad_bias) to compute (``ctx.needs_input_grad[:3]``); rows in
+    no chunk get a zero grad_hidden. The two ways the ops use it:
+
+    * gradients in the forward (PPO, DPO: the loss is a weighted sum whose per-token weights are known up front):
+      ``forward`` runs the loop with ``needs`` and :func:`save_linear_grads`; ``backward`` is
+      :func:`scaled_linear_grads`;
+    * recompute in the backward (log-probs, KL: the incoming gradient is per token): ``forward`` runs the loop
+      without gradients, keeping O(N) statistics; ``backward`` runs it again over the same chunks with ``needs``.
+
+    Returns ``(outs, (grad_hidden, grad_weight, grad_bias))``: the list of each chunk's ``out`` in chunk order and
+    the gradients (None where not needed) in the dtypes of hidden, weight and bias.
+    """
+    need_h, need_w, need_b = needs
+    covered = all(isinstance(c.rows, slice) for c in chunks)  # token ranges cover every row
+    grad_h = (torch.empty_like(hidden) if covered else torch.zeros_like(hidden)) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    outs = []
+    for chunk in chunks:
+        h = _take(hidden, chunk.rows)
+        logits = F.linear(h, weight, bias)  # (C, V)
+        grad_logits, out = step(chunk, logits, *(_take(x, chunk.rows) for x in inputs))
+        del logits
+        outs.append(out)
+        if grad_logits is None:
+            continue
+        if need_h:
+            if isinstance(chunk.rows, slice):
+                torch.mm(grad_logits, weight, out=grad_h[chunk.rows])
+            else:
+                grad_h.index_copy_(0, chunk.rows, grad_logits @ weight)
+        if need_w:
+            _addmm_fp32(grad_w, grad_logits.t(), h)
+        if need_b:
+            grad_b += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits
+    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+    grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+    return outs, (grad_h, grad_w, grad_b)
+
+
+def cat_rows(outs: list[tuple], count: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-row outputs of :func:`run_chunks` (each chunk's ``out``: ``count`` tensors (C,)) joined in chunk
+    order into ``count`` tensors (N,); fp32 empty tensors on ``like``'s device when there is no chunk."""
+    if not outs:
+        return tuple(like.new_empty(0, dtype=torch.float32) for _ in range(count))
+    return tuple(torch.cat(column) for column in zip(*outs))
 
 
 def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
@@ -97,6 +157,15 @@ def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
         return None
     idx = keep.nonzero().squeeze(1)
     return None if idx.numel() == keep.numel() else idx
+
+
+def select_rows(keep: torch.Tensor, *rows: torch.Tensor | None) -> tuple:
+    """``(idx, *rows)``: :func:`kept_rows` of ``keep`` and each (N, ...) tensor of ``rows`` (None stays None)
+    reduced to those rows (differentiable: autograd scatters gradients back), or unchanged when idx is None."""
+    idx = kept_rows(keep)
+    if idx is None:
+        return (None, *rows)
+    return (idx, *(_take(x, idx) for x in rows))
 
 
 def save_linear_grads(ctx, grads: tuple) -> None:

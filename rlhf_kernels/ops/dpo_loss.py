@@ -14,10 +14,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ppo_loss import _float_tensor
+from .ppo_loss import _float_tensor, check_normalizer
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo")
 AVERAGED_LOSS_TYPES = ("ipo", "simpo")  # defined on length-averaged log-probs
+REFERENCE_FREE_LOSS_TYPES = ("simpo",)  # use no reference log-probs
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "simpo")  # take label_smoothing
 
 
 def check_dpo_options(beta: float, loss_type: str, label_smoothing: float, gamma: float) -> None:
@@ -26,7 +28,7 @@ def check_dpo_options(beta: float, loss_type: str, label_smoothing: float, gamma
     if not (float(beta) > 0.0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     eps = float(label_smoothing)
-    if eps != 0.0 and loss_type not in ("sigmoid", "robust", "simpo"):
+    if eps != 0.0 and loss_type not in SMOOTHED_LOSS_TYPES:
         raise ValueError(f"label_smoothing applies to the sigmoid, robust and simpo losses, not {loss_type!r}")
     if not 0.0 <= eps < (0.5 if loss_type == "robust" else 1.0):
         bound = "[0, 0.5) for the robust loss" if loss_type == "robust" else "[0, 1)"
@@ -64,6 +66,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
     reference_free: bool = False,
+    normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss from sequence log-probs.
 
@@ -88,11 +91,14 @@ def dpo_loss(
             * ``"simpo"``: -log sigmoid(beta (pi_c - pi_r) - gamma), no reference, with label smoothing as in
               ``"sigmoid"`` (https://arxiv.org/abs/2405.14734).
         gamma: SimPO's target reward margin. reference_free: take ref log-probs as 0.
+        normalizer: the number of pairs in the whole optimizer step (all micro-batches and ranks; a number or a
+            0-dim tensor, finite, > 0): the loss is then the sum of the pair losses divided by it, and the
+            micro-batch losses of a step add up to the loss of the step. ``None``: this batch's B.
 
-    Returns ``(loss, stats)``: ``loss`` the mean over pairs (fp32; fp64 for fp64 inputs); ``stats`` detached batch
-    means: ``rewards/chosen`` = beta (pi_c - ref_c), ``rewards/rejected``, ``rewards/margins`` (their difference),
-    ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward), ``logps/chosen``,
-    ``logps/rejected``.
+    Returns ``(loss, stats)``: ``loss`` the mean over pairs (fp32; fp64 for fp64 inputs); ``stats`` detached means
+    over this batch's pairs (whatever the ``normalizer``): ``rewards/chosen`` = beta (pi_c - ref_c),
+    ``rewards/rejected``, ``rewards/margins`` (their difference), ``rewards/accuracies`` (fraction of pairs with
+    chosen reward > rejected reward), ``logps/chosen``, ``logps/rejected``.
     """
     check_dpo_options(beta, loss_type, label_smoothing, gamma)
     pc = _float_tensor("policy_chosen_logps", policy_chosen_logps)
@@ -103,10 +109,16 @@ def dpo_loss(
             f"{tuple(pr.shape)}"
         )
     dtype = torch.promote_types(pc.dtype, torch.float32)
-    rc, rr = reference_logps(ref_chosen_logps, ref_rejected_logps, pc, reference_free or loss_type == "simpo", dtype)
+    no_ref = reference_free or loss_type in REFERENCE_FREE_LOSS_TYPES
+    rc, rr = reference_logps(ref_chosen_logps, ref_rejected_logps, pc, no_ref, dtype)
     pc, pr = pc.to(dtype), pr.to(dtype)
+    normalizer = check_normalizer(normalizer, pc.device)
     losses = pair_losses(pc - rc, pr - rr, beta, loss_type, label_smoothing, gamma)
-    return losses.mean(), dpo_stats(pc, pr, rc, rr, beta)
+    if normalizer is None:
+        loss = losses.mean()
+    else:
+        loss = losses.sum() / torch.as_tensor(normalizer, dtype=dtype, device=pc.device)
+    return loss, dpo_stats(pc, pr, rc, rr, beta)
 
 
 def reference_logps(ref_chosen, ref_rejected, policy: torch.Tensor, no_ref: bool, dtype: torch.dtype):

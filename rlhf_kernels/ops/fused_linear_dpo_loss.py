@@ -11,21 +11,22 @@ log-probs first and the loss after needs the logits twice. Prompt and padding to
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels
 from ._linear import (
-    _addmm_fp32,
+    Chunk,
     check_chunk_size,
     check_linear,
-    default_chunk_size,
+    chunk_rows,
     detach_without_grad,
+    run_chunks,
     save_linear_grads,
     scaled_linear_grads,
 )
 from .dpo_loss import (
     AVERAGED_LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
     check_dpo_options,
     dpo_loss,
     dpo_stats,
@@ -34,6 +35,7 @@ from .dpo_loss import (
     sequence_logps,
 )
 from .fused_linear_logprobs import fused_linear_logprobs
+from .ppo_loss import check_normalizer
 
 _DPO_OPTIONS = ("beta", "loss_type", "label_smoothing", "gamma", "reference_free")
 
@@ -53,64 +55,62 @@ def pair_chunks(counts: list[int], pairs: int, budget: int) -> list[tuple[int, i
     return chunks
 
 
+def _pair_token_chunks(keep: torch.Tensor, pairs: int, T: int, budget: int) -> list[Chunk]:
+    """Chunks of whole pairs (:func:`pair_chunks`) over the response tokens (``keep`` (2B * T,) bool): each
+    chunk's rows are its pairs' tokens, sequence by sequence (the n chosen responses, then the n rejected ones),
+    and its info (p0, p1, the 2n sequence lengths). One host sync, to cut the batch."""
+    idx = keep.nonzero().squeeze(1)  # response tokens, sorted: sequence by sequence
+    counts = keep.view(2 * pairs, T).sum(1)
+    host_counts = counts.tolist()
+    starts = [0]
+    for c in host_counts:
+        starts.append(starts[-1] + c)
+    chunks = []
+    for p0, p1 in pair_chunks(host_counts, pairs, budget):
+        tok = torch.cat((idx[starts[p0] : starts[p1]], idx[starts[pairs + p0] : starts[pairs + p1]]))
+        lengths = torch.cat((counts[p0:p1], counts[pairs + p0 : pairs + p1]))  # (2n,)
+        chunks.append(Chunk(tok, (p0, p1, lengths)))
+    return chunks
+
+
 class FusedLinearDPOLossFunction(torch.autograd.Function):
     """hidden (2B * T, H), weight (V, H), bias | None, labels (2B * T,) int64, ref_c / ref_r (B,) fp32 ->
     (loss (), sequence log-probs (2B,) fp32)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, T, options, average, ignore, budget, backend):
+    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, norm, T, options, average, ignore, budget, backend):
         beta, loss_type, eps, gamma = options
         pairs = ref_c.shape[0]
-        keep = labels != ignore
-        idx = keep.nonzero().squeeze(1)  # response tokens, sorted: sequence by sequence
-        counts = keep.view(2 * pairs, T).sum(1)
-        host_counts = counts.tolist()  # one host sync, to cut the batch into chunks of pairs
-        starts = [0]
-        for c in host_counts:
-            starts.append(starts[-1] + c)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        seq = torch.zeros(2 * pairs, dtype=torch.float32, device=hidden.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for p0, p1 in pair_chunks(host_counts, pairs, budget):
+        chunks = _pair_token_chunks(labels != ignore, pairs, T, budget)
+
+        def step(chunk, logits, y):  # logits (C, V), y (C,) -> grad_logits, (chunk loss, sequence log-probs (2n,))
+            p0, p1, lengths = chunk.info
             n = p1 - p0
-            # The chunk's tokens, sequence by sequence: the n chosen responses, then the n rejected ones.
-            tok = torch.cat((idx[starts[p0] : starts[p1]], idx[starts[pairs + p0] : starts[pairs + p1]]))
-            lengths = torch.cat((counts[p0:p1], counts[pairs + p0 : pairs + p1]))  # (2n,)
-            h, y = hidden.index_select(0, tok), labels.index_select(0, tok).unsqueeze(0)
-            logits = F.linear(h, weight, bias).unsqueeze(0)  # (1, C, V)
-            lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(logits, y, 1.0, ignore, backend)
+            lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(
+                logits[None], y[None], 1.0, ignore, backend
+            )
             s = torch.segment_reduce(lp[0], "sum", lengths=lengths)  # (2n,), deterministic (no atomics)
             if average:
                 s = s / lengths.clamp_min(1).to(s.dtype)
             with torch.enable_grad():  # the pair losses and their gradient with respect to the chunk's 2n values
                 leaf = s.detach().requires_grad_()
                 chunk_loss = pair_losses(leaf[:n] - ref_c[p0:p1], leaf[n:] - ref_r[p0:p1], beta, loss_type, eps, gamma)
-                chunk_loss = chunk_loss.sum() / pairs
+                chunk_loss = chunk_loss.sum() / (pairs if norm is None else norm)
                 (g_seq,) = torch.autograd.grad(chunk_loss, leaf)
-            loss += chunk_loss.detach()
-            seq[p0:p1], seq[pairs + p0 : pairs + p1] = s[:n], s[n:]
             if average:
                 g_seq = g_seq / lengths.clamp_min(1).to(g_seq.dtype)
-            g_lp = g_seq.repeat_interleave(lengths, output_size=tok.numel()).unsqueeze(0)  # every token of a sequence
-            g_logits = torch.ops.rlhf_kernels.logprobs_bwd(
-                logits, y, g_lp, torch.zeros_like(g_lp), row_max, log_norm, ent, 1.0, ignore, backend
-            )[0]  # (C, V), dtype of the logits
-            del logits
-            if need_h:
-                grad_h.index_copy_(0, tok, g_logits @ weight)
-            if need_w:
-                _addmm_fp32(grad_w, g_logits.t(), h)
-            if need_b:
-                grad_b += g_logits.sum(0, dtype=torch.float32)
-        grads = (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-        )
+            g_lp = g_seq.repeat_interleave(lengths, output_size=y.numel()).unsqueeze(0)  # every token of a sequence
+            args = (logits[None], y[None], g_lp, torch.zeros_like(g_lp), row_max, log_norm, ent, 1.0, ignore, backend)
+            return torch.ops.rlhf_kernels.logprobs_bwd(*args)[0], (chunk_loss.detach(), s)  # (C, V), logits dtype
+
+        outs, grads = run_chunks(hidden, weight, bias, chunks, step, (labels,), ctx.needs_input_grad[:3])
         save_linear_grads(ctx, grads)
+        seq = torch.zeros(2 * pairs, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for chunk, (chunk_loss, s) in zip(chunks, outs):
+            p0, p1, _ = chunk.info
+            loss += chunk_loss
+            seq[p0:p1], seq[pairs + p0 : pairs + p1] = s[: p1 - p0], s[p1 - p0 :]
         ctx.mark_non_differentiable(seq)
         return loss, seq
 
@@ -124,6 +124,7 @@ class FusedLinearDPOLossFunction(torch.autograd.Function):
             None,  # labels
             None,  # ref_c
             None,  # ref_r
+            None,  # norm
             None,  # T
             None,  # options
             None,  # average
@@ -143,6 +144,7 @@ def fused_linear_dpo_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     average_log_prob: bool | None = None,
+    normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
     check: bool = True,
@@ -160,6 +162,7 @@ def fused_linear_dpo_loss(
             averaged the same way as the policy's.
         average_log_prob: average the token log-probs over each response instead of summing them. ``None``
             (default): what the loss type is defined on (averaged for ``"ipo"`` and ``"simpo"``, summed otherwise).
+        normalizer: the number of pairs in the whole optimizer step, as in :func:`rlhf_kernels.dpo_loss`.
         chunk_size: response tokens per chunk (default :func:`rlhf_kernels.ops._linear.default_chunk_size`);
             chunks hold whole pairs, so a pair longer than this is a chunk of its own.
         dpo_options: ``beta``, ``loss_type``, ``label_smoothing``, ``gamma``, ``reference_free`` as in
@@ -185,8 +188,9 @@ def fused_linear_dpo_loss(
     beta, loss_type = dpo_options.get("beta", 0.1), dpo_options.get("loss_type", "sigmoid")
     eps, gamma = dpo_options.get("label_smoothing", 0.0), dpo_options.get("gamma", 0.0)
     check_dpo_options(beta, loss_type, eps, gamma)
+    normalizer = check_normalizer(normalizer, hidden.device)
     (S, T, H), V, B = hidden.shape, weight.shape[0], hidden.shape[0] // 2
-    no_ref = dpo_options.get("reference_free", False) or loss_type == "simpo"
+    no_ref = dpo_options.get("reference_free", False) or loss_type in REFERENCE_FREE_LOSS_TYPES
     rc, rr = reference_logps(
         ref_chosen_logps, ref_rejected_logps, hidden.new_empty(B, dtype=torch.float32), no_ref, torch.float32
     )
@@ -208,11 +212,12 @@ def fused_linear_dpo_loss(
             check=False,
         )  # (2B, T) fp32  # fmt: skip
         seq = sequence_logps(token_lp, labels, ignore_index, average_log_prob)
-        return dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, **dpo_options)
-    budget = int(chunk_size) if chunk_size is not None else default_chunk_size(S * T, V, H)
+        return dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, normalizer=normalizer, **dpo_options)
+    budget = chunk_rows(chunk_size, S * T, weight)
     hidden, weight, bias = detach_without_grad(hidden, weight, bias)
     loss, seq = FusedLinearDPOLossFunction.apply(
-        hidden.reshape(S * T, H), weight, bias, labels.reshape(-1).to(torch.int64), rc, rr, T,
+        hidden.reshape(S * T, H), weight, bias, labels.reshape(-1).to(torch.int64), rc, rr,
+        None if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device), T,
         (float(beta), loss_type, float(eps), float(gamma)), bool(average_log_prob), int(ignore_index), budget, name,
     )  # fmt: skip
     return loss, dpo_stats(seq[:B], seq[B:], rc, rr, beta)

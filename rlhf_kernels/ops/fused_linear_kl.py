@@ -15,27 +15,23 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import bool_mask, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, detach_without_grad
+from ._linear import cat_rows, check_chunk_size, check_linear, chunk_rows, detach_without_grad, run_chunks, token_chunks
 from .kl import check_direction
 
 
 class FusedLinearKLFunction(torch.autograd.Function):
     """hidden (N, H), weight (V, H), bias (V,) | None; ref_hidden (N, H2), ref_weight (V, H2), ref_bias | None;
-    mask (N,) bool | None -> fp32 kl (N,)."""
+    mask (N,) bool | None -> fp32 kl (N,). Recomputes both models' logits of each chunk in the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, inv_temp, reverse, chunk, backend):
-        N = hidden.shape[0]
-        kl, m_p, ln_p, m_q, ln_q = (hidden.new_empty(N, dtype=torch.float32) for _ in range(5))
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V)
-            ref_logits = F.linear(ref_hidden[s:e], ref_weight, ref_bias).unsqueeze(0)  # (1, C, V)
-            out = torch.ops.rlhf_kernels.kl_fwd(
-                logits, ref_logits, None if mask is None else mask[s:e], inv_temp, reverse, backend
-            )
-            for dst, src in zip((kl, m_p, ln_p, m_q, ln_q), out):
-                dst[s:e] = src
+        def step(_, logits, ref_h, m):  # (C, V), (C, H2), (C,) | None -> kl, row_max, log_norm, ref stats (C,)
+            ref_logits = F.linear(ref_h, ref_weight, ref_bias)  # (C, V)
+            return None, torch.ops.rlhf_kernels.kl_fwd(logits[None], ref_logits[None], m, inv_temp, reverse, backend)
+
+        chunks = token_chunks(hidden.shape[0], chunk)
+        outs, _ = run_chunks(hidden, weight, bias, chunks, step, (ref_hidden, mask))
+        kl, m_p, ln_p, m_q, ln_q = cat_rows(outs, 5, hidden)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, m_p, ln_p, m_q, ln_q, kl)
         ctx.args = (inv_temp, reverse, chunk, backend)
         return kl
@@ -45,17 +41,15 @@ class FusedLinearKLFunction(torch.autograd.Function):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, m_p, ln_p, m_q, ln_q, kl = ctx.saved_tensors
         inv_temp, reverse, chunk, backend = ctx.args
         grad_kl = grad_kl.float().contiguous()
-        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
-        for s in range(0, hidden.shape[0], chunk):
-            e = min(s + chunk, hidden.shape[0])
-            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V), recomputed
-            ref_logits = F.linear(ref_hidden[s:e], ref_weight, ref_bias).unsqueeze(0)
-            g = torch.ops.rlhf_kernels.kl_bwd(
-                logits, ref_logits, None if mask is None else mask[s:e], grad_kl[s:e],
-                m_p[s:e], ln_p[s:e], m_q[s:e], ln_q[s:e], kl[s:e], inv_temp, reverse, backend,
-            )[0]  # (C, V), dtype of the logits  # fmt: skip
-            grads.add_chunk(s, e, g)
-        grad_h, grad_w, grad_b = grads.result()
+
+        def step(_, logits, ref_h, m, *rows):  # rows (C,): grad_kl, row_max, log_norm, ref_row_max, ref_log_norm, kl
+            ref_logits = F.linear(ref_h, ref_weight, ref_bias)  # (C, V), recomputed
+            args = (logits[None], ref_logits[None], m, *rows, inv_temp, reverse, backend)
+            return torch.ops.rlhf_kernels.kl_bwd(*args)[0], None  # (C, V), dtype of the logits
+
+        inputs = (ref_hidden, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl)
+        chunks = token_chunks(hidden.shape[0], chunk)
+        _, (grad_h, grad_w, grad_b) = run_chunks(hidden, weight, bias, chunks, step, inputs, ctx.needs_input_grad[:3])
         return (
             grad_h,  # hidden
             grad_w,  # weight
@@ -129,14 +123,13 @@ def fused_linear_kl(
             hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, mask, direction
         )
         return kl.float()
-    V, H = weight.shape
-    h = hidden.reshape(-1, H)  # (N, H)
+    h = hidden.reshape(-1, weight.shape[1])  # (N, H)
     rh = ref_hidden.detach().reshape(-1, ref_weight.shape[1])  # (N, H_ref)
     m = None if mask is None else mask.reshape(-1).contiguous()
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
+    chunk = chunk_rows(chunk_size, h.shape[0], weight)
     detach = lambda t: None if t is None else t.detach()
     h, weight, bias = detach_without_grad(h, weight, bias)
     kl = FusedLinearKLFunction.apply(
-        h, weight, bias, rh, detach(ref_weight), detach(ref_bias), m, 1.0 / temperature, reverse, max(chunk, 1), name
+        h, weight, bias, rh, detach(ref_weight), detach(ref_bias), m, 1.0 / temperature, reverse, chunk, name
     )
     return kl.view(lead)

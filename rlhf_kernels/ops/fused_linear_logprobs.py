@@ -10,29 +10,34 @@ the log-prob backward kernel, and applies two more GEMMs for ``grad_hidden`` and
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
-from ._linear import LinearGrads, check_chunk_size, check_linear, default_chunk_size, detach_without_grad, kept_rows
+from ._linear import (
+    cat_rows,
+    check_chunk_size,
+    check_linear,
+    chunk_rows,
+    detach_without_grad,
+    run_chunks,
+    select_rows,
+    token_chunks,
+)
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
-    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> fp32 (logprobs, entropy) (N,)."""
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> fp32 (logprobs, entropy) (N,).
+    Recomputes each chunk's logits in the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index, chunk, backend):
-        N = hidden.shape[0]
-        lp, ent, row_max, log_norm = (hidden.new_empty(N, dtype=torch.float32) for _ in range(4))
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V)
-            out = torch.ops.rlhf_kernels.logprobs_fwd(
-                logits, labels[s:e].unsqueeze(0), inv_temperature, ignore_index, backend
-            )
-            for dst, src in zip((lp, ent, row_max, log_norm), out):
-                dst[s:e] = src[0]
+        def step(_, logits, y):  # (C, V), (C,) -> no logit gradient; logprobs, entropy, row_max, log_norm (C,)
+            out = torch.ops.rlhf_kernels.logprobs_fwd(logits[None], y[None], inv_temperature, ignore_index, backend)
+            return None, tuple(x[0] for x in out)
+
+        outs, _ = run_chunks(hidden, weight, bias, token_chunks(hidden.shape[0], chunk), step, (labels,))
+        lp, ent, row_max, log_norm = cat_rows(outs, 4, hidden)
         ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_norm, ent)
         ctx.args = (inv_temperature, ignore_index, chunk, backend)
         return lp, ent
@@ -43,18 +48,14 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         inv_temperature, ignore_index, chunk, backend = ctx.args
         grad_lp = torch.zeros_like(ent) if grad_lp is None else grad_lp.float().contiguous()
         grad_ent = torch.zeros_like(ent) if grad_ent is None else grad_ent.float().contiguous()
-        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
-        for s in range(0, hidden.shape[0], chunk):
-            e = min(s + chunk, hidden.shape[0])
-            h = hidden[s:e]
-            logits = F.linear(h, weight, bias).unsqueeze(0)  # (1, C, V), recomputed
-            g = torch.ops.rlhf_kernels.logprobs_bwd(
-                logits, labels[s:e].unsqueeze(0), grad_lp[s:e].unsqueeze(0), grad_ent[s:e].unsqueeze(0),
-                row_max[s:e].unsqueeze(0), log_norm[s:e].unsqueeze(0), ent[s:e].unsqueeze(0),
-                inv_temperature, ignore_index, backend,
-            )[0]  # (C, V), dtype of the logits  # fmt: skip
-            grads.add_chunk(s, e, g)
-        grad_h, grad_w, grad_b = grads.result()
+
+        def step(_, logits, *rows):  # rows (C,): labels, grad_lp, grad_ent, row_max, log_norm, entropy
+            args = (logits[None], *(x[None] for x in rows), inv_temperature, ignore_index, backend)
+            return torch.ops.rlhf_kernels.logprobs_bwd(*args)[0], None  # (C, V), dtype of the logits
+
+        inputs = (labels, grad_lp, grad_ent, row_max, log_norm, ent)
+        chunks = token_chunks(hidden.shape[0], chunk)
+        _, (grad_h, grad_w, grad_b) = run_chunks(hidden, weight, bias, chunks, step, inputs, ctx.needs_input_grad[:3])
         return (
             grad_h,  # hidden
             grad_w,  # weight
@@ -110,16 +111,12 @@ def fused_linear_logprobs(
         lp, ent = reference.fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
         lp, ent = lp.float(), ent.float()
     else:
-        h = hidden.reshape(-1, H)  # (N, H)
         y = labels.reshape(-1).to(torch.int64).contiguous()  # (N,)
-        idx = kept_rows(y != ignore_index)
-        if idx is not None:  # GEMMs on the labelled rows only
-            h, y = h.index_select(0, idx), y.index_select(0, idx)
-        chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
+        idx, h, y = select_rows(y != ignore_index, hidden.reshape(-1, H), y)  # GEMMs on the labelled rows only
+        chunk = chunk_rows(chunk_size, h.shape[0], weight)
         h, weight, bias = detach_without_grad(h, weight, bias)
-        lp, ent = FusedLinearLogprobsFunction.apply(
-            h, weight, bias, y, 1.0 / temperature, int(ignore_index), max(chunk, 1), name
-        )
+        args = (1.0 / temperature, int(ignore_index), chunk, name)
+        lp, ent = FusedLinearLogprobsFunction.apply(h, weight, bias, y, *args)
         if idx is not None:  # ignored rows: 0 (differentiable scatter back)
             lp, ent = (x.new_zeros(labels.numel()).index_copy(0, idx, x) for x in (lp, ent))
         lp, ent = lp.view(labels.shape), ent.view(labels.shape)

@@ -16,23 +16,23 @@ only scales the saved gradients by the incoming gradient.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
 from ._linear import (
-    LinearGrads,
     check_chunk_size,
     check_linear,
-    default_chunk_size,
+    chunk_rows,
     detach_without_grad,
-    kept_rows,
+    run_chunks,
     save_linear_grads,
     scaled_linear_grads,
+    select_rows,
+    token_chunks,
 )
-from .kl_penalty import check_kl_kind, kl_penalty_and_grad
-from .ppo_loss import aggregation_weights, check_agg, check_clip, check_token_inputs, tokens_fp32
+from .kl_penalty import check_kl_estimator, kl_penalty_and_grad
+from .ppo_loss import aggregation_weights, check_agg, check_clip, check_normalizer, check_token_inputs, tokens_fp32
 
 # Slots of the per-call totals: the weighted loss terms, then the counts and sums behind the statistics.
 _PPO, _ENT, _KL, _CLIPPED, _LOG_RATIO, _LOWER, _ENT_SUM, _KL_SUM, _MAX_DEV = range(9)
@@ -43,40 +43,35 @@ class FusedLinearPPOLossFunction(torch.autograd.Function):
     adv, ref | None, w: (N,) fp32 -> (loss (), totals (9,)) fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, w, coefs, clips, kl_kind, inv_t, ignore, chunk, be):
+    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, w, coefs, clips, estimator, inv_t, ignore, chunk, be):
         kl_coef, entropy_coef = coefs
-        clip_low, clip_high, dual_clip = clips
-        N = hidden.shape[0]
-        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
-        totals = torch.zeros(9, dtype=torch.float32, device=hidden.device)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            y, w_c = labels[s:e].unsqueeze(0), w[s:e]
+
+        def step(_, logits, y, old_c, adv_c, w_c, ref_c):  # logits (C, V), the rest (C,) -> grad_logits, totals
             counted = w_c != 0
-            logits = F.linear(hidden[s:e], weight, bias).unsqueeze(0)  # (1, C, V)
-            lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(logits, y, inv_t, ignore, be)
-            g_lp, sums = torch.ops.rlhf_kernels.ppo_policy_fwd(
-                lp[0], old[s:e], adv[s:e], w_c, clip_low, clip_high, dual_clip, be
-            )
-            totals[_PPO] += sums[0]
-            totals[_CLIPPED : _LOWER + 1] += sums[1:]
-            totals[_ENT_SUM] += ent.sum()  # 0 at tokens that do not count (their label is ignore_index)
-            totals[_ENT] += (w_c * ent[0]).sum()
-            dev = torch.where(counted, (lp[0] - old[s:e]).abs(), 0.0).max()
-            totals[_MAX_DEV] = torch.maximum(totals[_MAX_DEV], dev)
-            if ref is not None:
-                k, dk = kl_penalty_and_grad(lp[0] - ref[s:e], kl_kind)
-                totals[_KL_SUM] += torch.where(counted, k, 0.0).sum()
-                totals[_KL] += torch.where(counted, w_c * k, 0.0).sum()
+            lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(logits[None], y[None], inv_t, ignore, be)
+            g_lp, sums = torch.ops.rlhf_kernels.ppo_policy_fwd(lp[0], old_c, adv_c, w_c, *clips, be)
+            kl, kl_sum = sums.new_zeros(()), sums.new_zeros(())
+            if ref_c is not None:
+                k, dk = kl_penalty_and_grad(lp[0] - ref_c, estimator)
+                kl_sum = torch.where(counted, k, 0.0).sum()
+                kl = torch.where(counted, w_c * k, 0.0).sum()
                 if kl_coef != 0.0:
                     g_lp = g_lp + torch.where(counted, (kl_coef * w_c) * dk, 0.0)
+            dev = torch.where(counted, (lp[0] - old_c).abs(), 0.0).max()
+            # in the slot order; ent is 0 at tokens that do not count (their label is ignore_index)
+            totals = torch.stack((sums[0], (w_c * ent[0]).sum(), kl, *sums[1:], ent.sum(), kl_sum, dev))
             g_ent = w_c * -entropy_coef
-            g_logits = torch.ops.rlhf_kernels.logprobs_bwd(
-                logits, y, g_lp.unsqueeze(0), g_ent.unsqueeze(0), row_max, log_norm, ent, inv_t, ignore, be
-            )[0]  # (C, V), dtype of the logits
-            del logits
-            grads.add_chunk(s, e, g_logits)
-        save_linear_grads(ctx, grads.result())
+            args = (logits[None], y[None], g_lp[None], g_ent[None], row_max, log_norm, ent, inv_t, ignore, be)
+            return torch.ops.rlhf_kernels.logprobs_bwd(*args)[0], totals  # (C, V), dtype of the logits
+
+        chunks = token_chunks(hidden.shape[0], chunk)
+        inputs = (labels, old, adv, w, ref)
+        outs, grads = run_chunks(hidden, weight, bias, chunks, step, inputs, ctx.needs_input_grad[:3])
+        save_linear_grads(ctx, grads)
+        totals = torch.zeros(9, dtype=torch.float32, device=hidden.device)
+        for part in outs:  # added in chunk order; the largest deviation is a maximum
+            totals[:_MAX_DEV] += part[:_MAX_DEV]
+            totals[_MAX_DEV] = torch.maximum(totals[_MAX_DEV], part[_MAX_DEV])
         ctx.mark_non_differentiable(totals)
         loss = totals[_PPO] + kl_coef * totals[_KL] - entropy_coef * totals[_ENT]
         return loss, totals
@@ -95,7 +90,7 @@ class FusedLinearPPOLossFunction(torch.autograd.Function):
             None,  # w
             None,  # coefs
             None,  # clips
-            None,  # kl_kind
+            None,  # estimator
             None,  # inv_t
             None,  # ignore
             None,  # chunk
@@ -114,13 +109,14 @@ def fused_linear_ppo_loss(
     bias: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
-    kl_kind: str = "k3",
+    kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
     backend: str | None = None,
@@ -128,7 +124,7 @@ def fused_linear_ppo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO / GRPO policy loss from the policy's last hidden states and LM head, gradients computed in one sweep.
 
-    loss = agg(clipped surrogate) + kl_coef * agg(KL estimator ``kl_kind`` against ``ref_logprobs``)
+    loss = agg(clipped surrogate) + kl_coef * agg(KL estimator ``kl_estimator`` against ``ref_logprobs``)
            - entropy_coef * agg(entropy),
     with log-probs and entropy of softmax((hidden @ weight.T + bias) / temperature) at ``labels``; each term as in
     :func:`rlhf_kernels.ppo_policy_loss`, :func:`rlhf_kernels.kl_penalty` and :func:`rlhf_kernels.aggregate_loss`.
@@ -141,16 +137,18 @@ def fused_linear_ppo_loss(
             ``(...)`` per sequence (GRPO), broadcast over the mask.
         mask: ``(..., T)`` bool or 0/1: the response tokens.
         ref_logprobs: ``(..., T)`` reference log-probs; required when ``kl_coef`` is non-zero (the KL-in-loss
-            form of GRPO). kl_kind: ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``.
-        clip_low, clip_high, dual_clip, agg: as in :func:`rlhf_kernels.ppo_policy_loss`.
+            form of GRPO). kl_estimator: ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``.
+        clip_low, clip_high, dual_clip, agg, normalizer: as in :func:`rlhf_kernels.ppo_policy_loss`; the
+            ``normalizer`` (the denominator of the whole optimizer step) divides all three terms.
         chunk_size: tokens per chunk (default :func:`rlhf_kernels.ops._linear.default_chunk_size`).
         check: verify labels at masked positions lie in [0, V) (one host sync).
 
     Returns ``(loss, stats)``: 0-dim fp32 ``loss`` differentiable with respect to ``hidden``, ``weight`` and
     ``bias``; detached ``stats``: ``policy/clipfrac``, ``policy/approxkl``, ``policy/clipfrac_lower``,
-    ``policy/entropy`` (mean over masked tokens), ``policy/kl`` (mean ``kl_kind`` estimate over masked tokens;
+    ``policy/entropy`` (mean over masked tokens), ``policy/kl`` (mean ``kl_estimator`` estimate over masked tokens;
     only with ``ref_logprobs``) and ``policy/max_abs_log_ratio`` (largest |log pi - log pi_old| over masked
-    tokens: 0 at the first mini-batch of an update when the rollout log-probs are reproduced exactly).
+    tokens: 0 at the first mini-batch of an update when the rollout log-probs are reproduced exactly), all over
+    this batch's masked tokens, whatever the ``normalizer``.
 
     The gradients are computed during the forward pass (three GEMMs per chunk, no recomputation) and saved;
     ``backward`` scales them by the incoming gradient, once (a second backward through the same graph, as with
@@ -172,7 +170,8 @@ def fused_linear_ppo_loss(
         )
     check_clip(clip_low, clip_high, dual_clip)
     check_agg(agg)
-    check_kl_kind(kl_kind)
+    normalizer = check_normalizer(normalizer, hidden.device)
+    check_kl_estimator(kl_estimator)
     temperature = check_temperature(temperature)
     check_chunk_size(chunk_size)
     if kl_coef != 0.0 and ref_logprobs is None:
@@ -187,24 +186,21 @@ def fused_linear_ppo_loss(
     if name == "reference":  # the reference takes (..., T) advantages: broadcast per-sequence ones (GRPO) first
         adv = advantages if advantages.shape == tok_shape else advantages.unsqueeze(-1).expand(tok_shape)
         return reference.fused_linear_ppo_loss(
-            hidden, weight, y, old_logprobs, adv, m, bias, ref_logprobs, kl_coef, kl_kind, entropy_coef,
-            temperature, clip_low, clip_high, dual_clip, agg, ignore_index,
+            hidden, weight, y, old_logprobs, adv, m, bias, ref_logprobs, kl_coef, kl_estimator, entropy_coef,
+            temperature, clip_low, clip_high, dual_clip, agg, ignore_index, normalizer,
         )  # fmt: skip
-    h = hidden.reshape(-1, H)
-    y = y.reshape(-1).contiguous()
     old, adv = tokens_fp32(old_logprobs, tok_shape), tokens_fp32(advantages, tok_shape)
     ref = None if ref_logprobs is None else tokens_fp32(ref_logprobs, tok_shape)
-    w = aggregation_weights(m, agg).reshape(-1)
-    idx = kept_rows(m.reshape(-1))
-    if idx is not None:  # GEMMs on the masked tokens only; autograd scatters grad_hidden back
-        h, y, old, adv, w = (x.index_select(0, idx) for x in (h, y, old, adv, w))
-        ref = None if ref is None else ref.index_select(0, idx)
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(h.shape[0], V, H)
+    w = aggregation_weights(m, agg, normalizer).reshape(-1)
+    # GEMMs on the masked tokens only; autograd scatters grad_hidden back
+    y = y.reshape(-1).contiguous()
+    _, h, y, old, adv, w, ref = select_rows(m.reshape(-1), hidden.reshape(-1, H), y, old, adv, w, ref)
+    chunk = chunk_rows(chunk_size, h.shape[0], weight)
     h, weight, bias = detach_without_grad(h, weight, bias)
     loss, totals = FusedLinearPPOLossFunction.apply(
         h, weight, bias, y, old, adv, ref, w,
         (float(kl_coef), float(entropy_coef)), (float(clip_low), float(clip_high), float(dual_clip or 0.0)),
-        kl_kind, 1.0 / temperature, int(ignore_index), max(chunk, 1), name,
+        kl_estimator, 1.0 / temperature, int(ignore_index), chunk, name,
     )  # fmt: skip
     count = m.sum().clamp_min(1).to(torch.float32)
     stats = {

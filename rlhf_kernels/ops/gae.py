@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .. import reference
-from .._backend import load_ext, resolve_backend
+from .. import _registry, reference
+from .._backend import resolve_backend
 from .._utils import FLOAT_DTYPES, bool_mask, tl, triton
 from .masked_stats import combine_row_stats, masked_whiten, whiten_with
 
@@ -80,11 +80,24 @@ def _gae_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Launcher and op: rewards, values (B, T) contiguous, one float dtype; mask (B, T) bool contiguous.
+# 2. Launcher: rewards, values (B, T) contiguous, one float dtype; mask (B, T) bool contiguous. The op
+#    torch.ops.rlhf_kernels.gae_fwd (contract and fake in rlhf_kernels/_registry.py) runs it for backend='triton'.
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _check_launch_args(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+    """The layout every backend of gae_fwd requires (the compiled ops check the same)."""
+    x = (rewards, values, mask)
+    if rewards.dim() != 2 or values.shape != rewards.shape or mask.shape != rewards.shape:
+        raise ValueError(f"gae_fwd: rewards, values and mask must be (B, T) of one shape, got {[t.shape for t in x]}")
+    if rewards.dtype not in FLOAT_DTYPES or values.dtype != rewards.dtype or mask.dtype != torch.bool:
+        raise ValueError(f"gae_fwd: rewards and values need one float dtype, mask bool; got {[t.dtype for t in x]}")
+    if not all(t.is_contiguous() for t in x):
+        raise ValueError("gae_fwd: rewards, values and mask must be contiguous (call .contiguous())")
+
+
 def gae_triton(rewards, values, mask, gamma: float, lam: float):
+    _check_launch_args(rewards, values, mask)
     B, T = rewards.shape
     adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
@@ -96,35 +109,6 @@ def gae_triton(rewards, values, mask, gamma: float, lam: float):
     else:
         stats.zero_()
     return adv, ret, stats
-
-
-def _gae_fwd(rewards, values, mask, gamma: float, lam: float, backend: str):
-    """(B, T) x3 -> fp32 advantages (B, T), returns (B, T), and per-row (count, mean, M2) of the advantages over
-    masked positions (B, 3). ``backend``: triton | cuda | cpu."""
-    if backend == "triton":
-        return gae_triton(rewards, values, mask, gamma, lam)
-    return tuple(torch.ops.rlhf_kernels_C.gae_fwd(rewards, values, mask, gamma, lam))
-
-
-@torch.library.custom_op("rlhf_kernels::gae_fwd", mutates_args=())
-def gae_fwd(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_gae_fwd` as one opaque op for torch.compile and dispatch modes."""
-    return _gae_fwd(rewards, values, mask, gamma, lam, backend)
-
-
-def _gae_fake(rewards, values, mask, gamma, lam, backend=None):
-    B, T = rewards.shape
-    adv = rewards.new_empty((B, T), dtype=torch.float32)
-    return adv, torch.empty_like(adv), rewards.new_empty((B, 3), dtype=torch.float32)
-
-
-gae_fwd.register_fake(_gae_fake)
-
-
-if load_ext()[0] and hasattr(torch.ops.rlhf_kernels_C, "gae_fwd"):  # shapes for the compiled op too
-    torch.library.register_fake("rlhf_kernels_C::gae_fwd")(_gae_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,11 +181,11 @@ def gae(
     if dtype not in FLOAT_DTYPES:  # fp64: the kernels read fp32, bf16 or fp16
         dtype = torch.float32
     r, v = _kernel_input(rewards, dtype), _kernel_input(values, dtype)
-    args = (r, v, m.contiguous(), gamma, lam, name)
+    args = (r, v, m.contiguous(), gamma, lam)
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        adv, ret, stats = torch.ops.rlhf_kernels.gae_fwd(*args)
+        adv, ret, stats = torch.ops.rlhf_kernels.gae_fwd(*args, name)
     else:  # eager: the same kernels without the custom-op layer, which costs ~20 us per call on CPU
-        adv, ret, stats = _gae_fwd(*args)
+        adv, ret, stats = _registry.call("gae_fwd", name, *args)
     if whiten:  # from the kernel's per-row statistics: no extra pass over the advantages for mean and variance
         adv = whiten_with(adv, *combine_row_stats(stats), shift_mean=True)
     return adv, ret

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from .._backend import load_ext, resolve_backend
+from .. import (
+    _registry,  # noqa: F401  (defines the ops torch.ops.rlhf_kernels.*)
+    reference,
+)
+from .._backend import resolve_backend
 from .._utils import (
     bool_mask,
     check_float_tensor,
     check_temperature,
     interpreter_rounds_bf16,
+    row_inputs,
     row_launch_config,
     rows_3d,
     tl,
@@ -133,7 +137,7 @@ def _kl_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------------------
 # 2. Launchers: logits (B, T, V), ref_logits (B2, T2, V) with B * T == B2 * T2 = N, unit stride along V;
-#    mask None or (N,) bool contiguous. Outputs are fp32 (N,).
+#    mask None or (N,) bool contiguous; per-row inputs (N,) fp32. Outputs are fp32 (N,).
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -178,6 +182,9 @@ def kl_fwd_triton(logits, ref_logits, mask, inv_temperature: float, reverse: boo
 def kl_bwd_triton(logits, ref_logits, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl, inv_temperature, reverse):
     _check_launch_args(logits, ref_logits, mask)
     B, T, V = logits.shape
+    grad_kl, m_p, ln_p, m_q, ln_q, kl = row_inputs(
+        "kl_bwd", (B * T,), grad_kl=grad_kl, row_max=m_p, log_norm=ln_p, ref_row_max=m_q, ref_log_norm=ln_q, kl=kl
+    )
     grad = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if B * T > 0:
         block, warps = _block_config(logits, ref_logits)
@@ -191,66 +198,10 @@ def kl_bwd_triton(logits, ref_logits, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl, i
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. torch.library ops (opaque to torch.compile, with fake implementations for shapes)
+# 3. torch.library ops: torch.ops.rlhf_kernels.kl_fwd / kl_bwd (these launchers, the compiled ops or the
+#    reference, by their trailing `backend` argument) are defined from the op table, rlhf_kernels/_registry.py,
+#    which also holds their contract and fake implementations.
 # ---------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("rlhf_kernels::kl_fwd", mutates_args=())
-def kl_fwd(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    mask: torch.Tensor | None,
-    inv_temperature: float,
-    reverse: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T, V), (B2, T2, V) -> fp32 (N,) each: (kl, row_max, log_norm, ref_row_max, ref_log_norm).
-    ``backend``: triton | cuda | cpu."""
-    if backend == "triton":
-        return kl_fwd_triton(logits, ref_logits, mask, inv_temperature, reverse)
-    _check_launch_args(logits, ref_logits, mask)
-    return tuple(torch.ops.rlhf_kernels_C.kl_fwd(logits, ref_logits, mask, inv_temperature, reverse))
-
-
-def _fwd_fake(logits, ref_logits, mask, inv_temperature, reverse, backend=None):
-    n = logits.shape[0] * logits.shape[1]
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(5))
-
-
-kl_fwd.register_fake(_fwd_fake)
-
-
-@torch.library.custom_op("rlhf_kernels::kl_bwd", mutates_args=())
-def kl_bwd(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    mask: torch.Tensor | None,
-    grad_kl: torch.Tensor,
-    row_max: torch.Tensor,
-    log_norm: torch.Tensor,
-    ref_row_max: torch.Tensor,
-    ref_log_norm: torch.Tensor,
-    kl: torch.Tensor,
-    inv_temperature: float,
-    reverse: bool,
-    backend: str,
-) -> torch.Tensor:
-    """Gradient of the KL with respect to logits: (B, T, V) contiguous, in the logits dtype."""
-    args = (logits, ref_logits, mask, grad_kl, row_max, log_norm, ref_row_max, ref_log_norm, kl, inv_temperature)
-    if backend == "triton":
-        return kl_bwd_triton(*args, reverse)
-    _check_launch_args(logits, ref_logits, mask)
-    return torch.ops.rlhf_kernels_C.kl_bwd(*args, reverse)
-
-
-def _bwd_fake(logits, ref_logits, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl, inv_temperature, reverse, backend=None):
-    return logits.new_empty(logits.shape)
-
-
-kl_bwd.register_fake(_bwd_fake)
-if load_ext()[0] and hasattr(torch.ops.rlhf_kernels_C, "kl_fwd"):  # shapes for the compiled ops too
-    torch.library.register_fake("rlhf_kernels_C::kl_fwd")(_fwd_fake)
-    torch.library.register_fake("rlhf_kernels_C::kl_bwd")(_bwd_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------

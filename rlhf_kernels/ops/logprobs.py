@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from .._backend import load_ext, resolve_backend
+from .. import (
+    _registry,  # noqa: F401  (defines the ops torch.ops.rlhf_kernels.*)
+    reference,
+)
+from .._backend import resolve_backend
 from .._utils import (
     check_float_tensor,
     check_label_range,
     check_labels,
     check_temperature,
     interpreter_rounds_bf16,
+    row_inputs,
     row_launch_config,
     rows_3d,
     tl,
@@ -40,41 +44,41 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    base = logits_ptr + b * stride_b + (row - b * T) * stride_t  # 64-bit row offset
     label = tl.load(labels_ptr + row)
+    if label == ignore_index:  # an ignored row is not read; all four outputs are 0 (the op table's convention)
+        tl.store(lp_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
+        tl.store(max_ptr + row, 0.0)
+        tl.store(lognorm_ptr + row, 0.0)
+    else:
+        b = row // T
+        base = logits_ptr + b * stride_b + (row - b * T) * stride_t  # 64-bit row offset
+        m = float("-inf")  # running max of z
+        s = 0.0  # sum exp(z - m)
+        t = 0.0  # sum exp(z - m) * (z - m)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inside = offs < V
+            z = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # Before the first block s == 0 and m == -inf: use shift 0 there so that 0 * inf never appears.
+            shift = tl.where(s > 0.0, m - m_new, 0.0)
+            scale = tl.exp(shift)
+            d = z - m_new
+            e = tl.exp(d)  # 0 in the padding lanes past V
+            # A NaN or +-inf logit makes e * d NaN (0 * -inf, inf - inf), which marks the row as non-finite.
+            t = scale * (t + shift * s) + tl.sum(e * tl.where(inside, d, 0.0), axis=0)
+            s = s * scale + tl.sum(e, axis=0)
+            m = m_new
 
-    m = float("-inf")  # running max of z
-    s = 0.0  # sum exp(z - m)
-    t = 0.0  # sum exp(z - m) * (z - m)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inside = offs < V
-        z = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # Before the first block s == 0 and m == -inf: use shift 0 there so that 0 * inf never appears.
-        shift = tl.where(s > 0.0, m - m_new, 0.0)
-        scale = tl.exp(shift)
-        d = z - m_new
-        e = tl.exp(d)  # 0 in the padding lanes past V
-        # A NaN or +-inf logit makes e * d NaN (0 * -inf, inf - inf), which marks the row as non-finite.
-        t = scale * (t + shift * s) + tl.sum(e * tl.where(inside, d, 0.0), axis=0)
-        s = s * scale + tl.sum(e, axis=0)
-        m = m_new
-
-    log_s = tl.log(s)
-    entropy = log_s - t / s
-    valid = (label >= 0) & (label < V)
-    z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-    logprob = tl.where(valid, (z_label - m) - log_s, float("nan"))
-    finite = t == t
-    logprob = tl.where(finite, logprob, float("nan"))
-    entropy = tl.where(finite, entropy, float("nan"))
-    ignored = label == ignore_index
-    tl.store(lp_ptr + row, tl.where(ignored, 0.0, logprob))
-    tl.store(ent_ptr + row, tl.where(ignored, 0.0, entropy))
-    tl.store(max_ptr + row, m)
-    tl.store(lognorm_ptr + row, log_s)
+        log_s = tl.log(s)
+        valid = (label >= 0) & (label < V)
+        z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        finite = t == t
+        tl.store(lp_ptr + row, tl.where(valid & finite, (z_label - m) - log_s, float("nan")))
+        tl.store(ent_ptr + row, tl.where(finite, log_s - t / s, float("nan")))
+        tl.store(max_ptr + row, m)
+        tl.store(lognorm_ptr + row, log_s)
 
 
 @triton.jit
@@ -107,22 +111,24 @@ def _logprobs_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Launchers: logits (B, T, V) with stride(2) == 1, labels (B, T) int64 contiguous.
+# 2. Launchers: logits (B, T, V) with stride(2) == 1, labels (B, T) int64, per-row inputs (B, T) fp32.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_launch_args(logits: torch.Tensor, labels: torch.Tensor) -> None:
+def _checked_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Checks the layout of the logits and labels; returns the labels contiguous."""
     if logits.dim() != 3 or (logits.stride(2) != 1 and logits.shape[2] > 1):
         raise ValueError(
             f"logits must be a (B, T, V) tensor whose last dimension is contiguous, got shape "
             f"{tuple(logits.shape)} strides {logits.stride()}; call rlhf_kernels.logprobs, which copies if needed"
         )
-    if labels.shape != logits.shape[:2] or labels.dtype != torch.int64 or not labels.is_contiguous():
-        raise ValueError(f"labels must be contiguous int64 of shape {tuple(logits.shape[:2])}")
+    if labels.shape != logits.shape[:2] or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 of shape {tuple(logits.shape[:2])}, got {labels.dtype} {labels.shape}")
+    return labels.contiguous()
 
 
 def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int):
-    _check_launch_args(logits, labels)
+    labels = _checked_labels(logits, labels)
     B, T, V = logits.shape
     out = [torch.empty((B, T), dtype=torch.float32, device=logits.device) for _ in range(4)]
     if B * T > 0:
@@ -135,7 +141,11 @@ def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperat
 
 
 def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, row_max, log_norm, ent, inv_temperature, ignore_index):
-    _check_launch_args(logits, labels)
+    labels = _checked_labels(logits, labels)
+    grad_lp, grad_ent, row_max, log_norm, ent = row_inputs(
+        "logprobs_bwd", logits.shape[:2], grad_logprobs=grad_lp, grad_entropy=grad_ent, row_max=row_max,
+        log_norm=log_norm, entropy=ent,
+    )  # fmt: skip
     B, T, V = logits.shape
     grad = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if B * T > 0:
@@ -149,66 +159,11 @@ def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, row_max, log_norm, en
     return grad
 
 
-def _native(op: str):
-    return getattr(torch.ops.rlhf_kernels_C, op)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# 3. torch.library ops (opaque to torch.compile, with fake implementations for shapes)
+# 3. torch.library ops: torch.ops.rlhf_kernels.logprobs_fwd / logprobs_bwd (this launcher, the compiled ops or
+#    the reference, by their trailing `backend` argument) are defined from the op table, rlhf_kernels/_registry.py,
+#    which also holds their contract and fake implementations.
 # ---------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
-def logprobs_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T, V), (B, T) -> fp32 (logprobs, entropy, row_max, log_norm), each (B, T); logsumexp = row_max +
-    log_norm. ``backend``: triton | cuda | cpu."""
-    if backend == "triton":
-        return logprobs_fwd_triton(logits, labels, inv_temperature, ignore_index)
-    _check_launch_args(logits, labels)
-    return tuple(_native("logprobs_fwd")(logits, labels, inv_temperature, ignore_index))
-
-
-def _fwd_fake(logits, labels, inv_temperature, ignore_index, backend=None):
-    shape = logits.shape[:2]
-    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(4))
-
-
-logprobs_fwd.register_fake(_fwd_fake)
-
-
-@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
-def logprobs_bwd(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor,
-    row_max: torch.Tensor,
-    log_norm: torch.Tensor,
-    entropy: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
-    """Gradient of (logprobs, entropy) with respect to logits: (B, T, V) contiguous, in the logits dtype."""
-    args = (logits, labels, grad_logprobs, grad_entropy, row_max, log_norm, entropy, inv_temperature, ignore_index)
-    if backend == "triton":
-        return logprobs_bwd_triton(*args)
-    _check_launch_args(logits, labels)
-    return _native("logprobs_bwd")(*args)
-
-
-def _bwd_fake(
-    logits, labels, grad_lp, grad_ent, row_max, log_norm, entropy, inv_temperature, ignore_index, backend=None
-):
-    return logits.new_empty(logits.shape)
-
-
-logprobs_bwd.register_fake(_bwd_fake)
-if load_ext()[0]:  # the compiled ops get the same shape functions, so they trace under torch.compile too
-    torch.library.register_fake("rlhf_kernels_C::logprobs_fwd")(_fwd_fake)
-    torch.library.register_fake("rlhf_kernels_C::logprobs_bwd")(_bwd_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------

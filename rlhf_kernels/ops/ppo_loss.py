@@ -12,6 +12,9 @@ same pass as per-block partial sums.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .. import reference
@@ -104,55 +107,29 @@ def _value_triton(v, old, ret, w, clip):
     return grad, partials
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_policy_fwd", mutates_args=())
-def ppo_policy_fwd(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    weight: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) x4 fp32 -> (weight * dl/dlogprobs (N,), sums (4,)); the contract is in csrc/module.cpp, where the
-    backends return per-block partial sums (P, 4) that are added here in a fixed order.
-    ``dual_clip`` 0 turns the dual clip off. ``backend``: triton | cuda | cpu."""
-    args = (logprobs, old_logprobs, advantages, weight, clip_low, clip_high, dual_clip)
-    if backend == "triton":
-        grad, partials = _policy_triton(*args)
-    else:
-        grad, partials = torch.ops.rlhf_kernels_C.ppo_policy_fwd(*args)
+# The ops torch.ops.rlhf_kernels.ppo_policy_fwd / ppo_value_fwd (contract and fake in rlhf_kernels/_registry.py)
+# run these for backend="triton", the compiled ops for "cpu" / "cuda".
+def _check_tokens(op: str, **inputs: torch.Tensor) -> None:
+    """The layout every backend requires (the compiled ops check the same): (N,) float32 contiguous, one N."""
+    n = next(iter(inputs.values())).shape
+    for name, x in inputs.items():
+        if x.dim() != 1 or x.shape != n or x.dtype != torch.float32 or not x.is_contiguous():
+            got = f"{x.dtype} {tuple(x.shape)} strides {x.stride()}"
+            raise ValueError(f"{op}: {name} must be a contiguous float32 (N,) tensor like the others, got {got}")
+
+
+def ppo_policy_fwd_triton(logprobs, old_logprobs, advantages, weight, clip_low, clip_high, dual_clip):
+    """(N,) x4 fp32 -> (weight * dl/dlogprobs (N,), sums (4,)): the per-block partials added by one reduction."""
+    _check_tokens("ppo_policy_fwd", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, weight=weight)
+    grad, partials = _policy_triton(logprobs, old_logprobs, advantages, weight, clip_low, clip_high, dual_clip)
     return grad, partials.sum(0)
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_value_fwd", mutates_args=())
-def ppo_value_fwd(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    weight: torch.Tensor,
-    clip: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_fwd_triton(values, old_values, returns, weight, clip):
     """(N,) x4 fp32 -> (weight * dl/dvalues (N,), sums (2,)); ``clip`` may be inf (no clipping)."""
-    args = (values, old_values, returns, weight, clip)
-    if backend == "triton":
-        grad, partials = _value_triton(*args)
-    else:
-        grad, partials = torch.ops.rlhf_kernels_C.ppo_value_fwd(*args)
+    _check_tokens("ppo_value_fwd", values=values, old_values=old_values, returns=returns, weight=weight)
+    grad, partials = _value_triton(values, old_values, returns, weight, clip)
     return grad, partials.sum(0)
-
-
-def _fake(k: int):
-    def fake(x, *args):
-        return torch.empty_like(x), x.new_empty((k,))
-
-    return fake
-
-
-ppo_policy_fwd.register_fake(_fake(4))
-ppo_value_fwd.register_fake(_fake(2))
 
 
 class PrecomputedGradFunction(torch.autograd.Function):
@@ -186,26 +163,80 @@ def check_agg(agg: str) -> str:
     return agg
 
 
-def aggregation_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
+def check_normalizer(normalizer: object, device: torch.device) -> float | torch.Tensor | None:
+    """``normalizer`` (None, a number, or a 0-dim real tensor on ``device`` or the CPU) checked to be finite and
+    > 0. Returns None, a float (for a number or a CPU tensor, read on the host), or a detached 0-dim floating
+    tensor on ``device``: an accelerator tensor (or any tensor under torch.compile) is checked on the device by
+    ``torch._assert_async``, without a host sync; a bad value then fails asynchronously (a device-side assert)."""
+    if normalizer is None:
+        return None
+    need = "normalizer must be a finite number > 0 (the denominator of the whole step, see aggregation_denominator)"
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but the data is on {device}")
+        n = normalizer.detach()
+        if n.device.type != "cpu" or torch.compiler.is_compiling():
+            n = n if n.is_floating_point() else n.to(torch.float32)
+            torch._assert_async((n > 0) & torch.isfinite(n), need)
+            return n.to(device)
+        normalizer = n.item()
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(f"normalizer must be None, a number or a 0-dim tensor, got {type(normalizer).__name__}")
+    if not 0.0 < float(normalizer) < math.inf:  # False for NaN too
+        raise ValueError(f"{need}, got {normalizer}")
+    return float(normalizer)
+
+
+def aggregation_denominator(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """The batch-level denominator of ``agg`` for ``mask`` (..., T) (bool or 0/1; sequences are the leading
+    dimensions), as a 0-dim fp32 tensor on the mask's device, computed without a host sync:
+
+    * ``"token-mean"``: the number of masked tokens;
+    * ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``: the number of sequences with at least one masked token;
+    * ``"seq-mean-token-sum-norm"``: that number times T (``mask.shape[-1]``).
+
+    Denominators add up: the ``normalizer`` of an optimizer step split into micro-batches (and ranks) is the sum of
+    their denominators (all-reduced across ranks), and passing it to every micro-batch's loss makes the sum of the
+    micro-batch losses the loss of the whole step, gradient included. (For ``"seq-mean-token-sum-norm"`` this
+    holds when the micro-batches share T.) A batch without masked tokens has denominator 0; a normalizer must be
+    > 0, so a step that may be entirely masked out clamps the sum (``.clamp_min(1)``: its loss is 0 either way).
+    For a batch with masked tokens, ``aggregate_loss(l, m, agg, normalizer=aggregation_denominator(m, agg))``
+    equals ``aggregate_loss(l, m, agg)``.
+    """
+    check_agg(agg)
+    if not isinstance(mask, torch.Tensor) or mask.dim() == 0:
+        raise ValueError(f"mask must be a (..., T) tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+    m = bool_mask(mask, mask.shape, mask.device).to(torch.float32)
+    if agg == "token-mean":
+        return m.sum()
+    n_seq = (m.sum(-1) > 0).sum().to(torch.float32)
+    return n_seq * mask.shape[-1] if agg == "seq-mean-token-sum-norm" else n_seq
+
+
+def aggregation_weights(mask: torch.Tensor, agg: str, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """fp32 weights w (same shape as ``mask`` (..., T), bool) such that the aggregated loss is sum(w * loss):
     non-zero exactly on the masked tokens, all zero for a fully masked batch (loss 0). Sequences are the leading
-    dimensions. Computed on the device without host syncs."""
-    m = mask.to(torch.float32)
-    if agg == "token-mean":
-        return m / m.sum().clamp_min(1.0)
-    seq_len = m.sum(-1, keepdim=True)  # (..., 1)
-    n_seq = (seq_len > 0).sum().clamp_min(1).to(torch.float32)
-    if agg == "seq-mean-token-sum":
-        return m / n_seq
-    if agg == "seq-mean-token-mean":
-        return m / (seq_len.clamp_min(1.0) * n_seq)
-    if agg == "seq-mean-token-sum-norm":
-        return m / (n_seq * mask.shape[-1])
+    dimensions. ``normalizer`` (checked by :func:`check_normalizer`) replaces the batch's own denominator
+    (:func:`aggregation_denominator`, clamped to >= 1). Computed on the device without host syncs."""
     check_agg(agg)
-    raise AssertionError("unreachable")
+    m = mask.to(torch.float32)
+    denom = aggregation_denominator(mask, agg).clamp_min(1.0) if normalizer is None else normalizer
+    if agg == "seq-mean-token-mean":
+        return m / (m.sum(-1, keepdim=True).clamp_min(1.0) * denom)
+    return m / denom
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+def aggregate_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    *,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reduce a per-token ``loss`` (..., T) over the tokens where ``mask`` is True:
 
     * ``"token-mean"``: sum over masked tokens / number of masked tokens;
@@ -213,12 +244,18 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mea
       the mean over the sequences that have at least one masked token;
     * ``"seq-mean-token-sum-norm"``: ``"seq-mean-token-sum"`` divided by T (a constant normaliser).
 
+    ``normalizer``: the denominator of the whole optimizer step (a number or 0-dim tensor, finite, > 0), which
+    replaces the batch's own one (the number of tokens, of sequences, or of sequences x T): the sum over
+    micro-batches of :func:`aggregation_denominator`, for gradient accumulation and data parallelism. ``None``:
+    this batch's own denominator. The per-sequence means of ``"seq-mean-token-mean"`` stay per sequence.
+
     A fully masked batch gives 0. Positions outside the mask never reach the result (even NaN). Differentiable.
     """
     check_agg(agg)
     m = bool_mask(mask, loss.shape, loss.device)
+    normalizer = check_normalizer(normalizer, loss.device)
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return (aggregation_weights(m, agg).to(loss.dtype) * torch.where(m, loss, zero)).sum()
+    return (aggregation_weights(m, agg, normalizer).to(loss.dtype) * torch.where(m, loss, zero)).sum()
 
 
 def _float_tensor(name: str, x: object) -> torch.Tensor:
@@ -278,6 +315,7 @@ def ppo_policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (https://arxiv.org/abs/1707.06347), with the optional dual clip of
@@ -293,22 +331,27 @@ def ppo_policy_loss(
         dual_clip: ``c > 1``: for A < 0 the per-token loss is capped at -A c. ``None``: off.
         agg: ``"token-mean"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"`` or
             ``"seq-mean-token-sum-norm"`` (see :func:`aggregate_loss`).
+        normalizer: the denominator of the whole optimizer step (see :func:`aggregate_loss` and
+            :func:`rlhf_kernels.aggregation_denominator`); ``None``: this batch's own.
 
     Per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), then aggregated. Returns ``(loss, stats)``:
     ``loss`` a 0-dim fp32 tensor (0 for a fully masked batch), differentiable with respect to ``logprobs``;
     ``stats`` detached 0-dim tensors: ``policy/clipfrac`` (fraction of masked tokens where the clipped term is
     the larger), ``policy/approxkl`` (masked mean of old_logprobs - logprobs), ``policy/clipfrac_lower``
-    (fraction capped by the dual clip; 0 without it).
+    (fraction capped by the dual clip; 0 without it). The stats are means over this batch's masked tokens, whatever
+    the ``normalizer``.
     """
     m = check_token_inputs("logprobs", logprobs, {"old_logprobs": old_logprobs, "advantages": advantages}, mask)
     check_clip(clip_low, clip_high, dual_clip)
     check_agg(agg)
+    normalizer = check_normalizer(normalizer, logprobs.device)
     name = resolve_backend(backend, logprobs.device)
     if name == "reference":
         adv = advantages if advantages.shape == logprobs.shape else advantages.unsqueeze(-1).expand_as(logprobs)
-        return reference.ppo_policy_loss(logprobs, old_logprobs, adv, m, clip_low, clip_high, dual_clip, agg)
+        args = (clip_low, clip_high, dual_clip, agg, normalizer)
+        return reference.ppo_policy_loss(logprobs, old_logprobs, adv, m, *args)
     shape = logprobs.shape
-    w = aggregation_weights(m, agg).reshape(-1)
+    w = aggregation_weights(m, agg, normalizer).reshape(-1)
     grad, sums = torch.ops.rlhf_kernels.ppo_policy_fwd(
         tokens_fp32(logprobs, shape), tokens_fp32(old_logprobs, shape), tokens_fp32(advantages, shape), w,
         float(clip_low), float(clip_high), float(dual_clip or 0.0), name,
@@ -331,6 +374,7 @@ def ppo_value_loss(
     *,
     clip: float | None = 0.2,
     agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss, as one fused kernel: per token 0.5 max((v - R)^2, (clip(v, old - c, old + c) - R)^2),
@@ -341,20 +385,24 @@ def ppo_value_loss(
             rollout time; ``returns``: ``(..., T)`` targets R. Any float dtype.
         mask: ``(..., T)`` bool or 0/1; positions outside it are never read.
         clip: c >= 0, or ``None`` for the plain squared error.
+        normalizer: the denominator of the whole optimizer step (see :func:`aggregate_loss`); ``None``: this
+            batch's own.
 
     Returns ``(loss, stats)``: fp32 0-dim ``loss`` (0 for a fully masked batch), differentiable with respect to
-    ``values``; ``stats["val/clipfrac"]``: fraction of masked tokens where the clipped term is the larger.
+    ``values``; ``stats["val/clipfrac"]``: fraction of this batch's masked tokens where the clipped term is the
+    larger (whatever the ``normalizer``).
     """
     m = check_token_inputs("values", values, {"old_values": old_values, "returns": returns}, mask)
     if clip is not None and not 0.0 <= float(clip) < float("inf"):
         raise ValueError(f"clip must be None or a finite number >= 0, got {clip}")
     check_agg(agg)
+    normalizer = check_normalizer(normalizer, values.device)
     name = resolve_backend(backend, values.device)
     if name == "reference":
         old, ret = (x if x.shape == values.shape else x.unsqueeze(-1).expand_as(values) for x in (old_values, returns))
-        return reference.ppo_value_loss(values, old, ret, m, clip, agg)
+        return reference.ppo_value_loss(values, old, ret, m, clip, agg, normalizer)
     shape = values.shape
-    w = aggregation_weights(m, agg).reshape(-1)
+    w = aggregation_weights(m, agg, normalizer).reshape(-1)
     grad, sums = torch.ops.rlhf_kernels.ppo_value_fwd(
         tokens_fp32(values, shape), tokens_fp32(old_values, shape), tokens_fp32(returns, shape), w,
         float("inf") if clip is None else float(clip), name,
