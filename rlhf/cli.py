@@ -1,17 +1,25 @@
-"""The `rlhf` command: `rlhf <stage> [--config FILE] [--resume] [key=value ...]`.
+"""The `rlhf` command: `rlhf <stage> [--config FILE] [--resume] [--debug] [key=value ...]`.
 
 Each stage is a row of `STAGES`: its config class and the module whose `train(cfg, resume=...)` runs it. The module
 is imported only when the stage runs, so `--help` stays fast.
+
+Exit status: 0 done; 2 a usage or config error, or a `UserError` (bad data, a missing path), printed as one line
+`rlhf: error: ...` before anything is loaded or written when it can be checked up front; 1 anything else (a bug),
+with its traceback. `--debug` or `RLHF_DEBUG=1` prints the traceback of status-2 errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
+from .errors import UserError
 from .pipeline import PipelineConfig
+from .train import check_paths
 
 STAGES: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "rlhf.sft"),
@@ -51,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--restart", action="store_true", help="delete earlier stage outputs and start over")
         else:
             sub.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        sub.add_argument("--debug", action="store_true", help="print the traceback of any error (or RLHF_DEBUG=1)")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config option overrides")
     return parser
 
@@ -66,18 +75,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def error_exit(err: Exception, debug: bool) -> int:
+    """Print a user's error as one line (or its traceback with `debug`); the exit status 2."""
+    if debug:
+        traceback.print_exception(err)
+    else:
+        print("rlhf: error: " + " ".join(str(err).split()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the `rlhf` command; returns the exit status (0 ok, 2 usage or config error)."""
+    """Run the `rlhf` command; returns the exit status (0 ok, 2 usage, config or data error; a bug raises)."""
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse exits after --help (0) or a usage error (2)
         return int(e.code or 0)
+    debug = args.debug or os.environ.get("RLHF_DEBUG", "").lower() not in ("", "0", "false", "no")
     cls, module_name = STAGES[args.stage]
     try:
         cfg = load_config(cls, args.config, args.overrides)
+        check_paths(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rlhf: error: {e}", file=sys.stderr)
-        return 2
+        return error_exit(e, debug)
     resume = not args.restart if args.stage == "pipeline" else args.resume
-    importlib.import_module(module_name).train(cfg, resume=resume)
+    try:
+        importlib.import_module(module_name).train(cfg, resume=resume)
+    except UserError as e:
+        return error_exit(e, debug)
     return 0

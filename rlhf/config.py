@@ -17,6 +17,12 @@ from typing import Any
 
 import yaml
 
+from rlhf_kernels import AGG_MODES, BACKENDS, DPO_LOSS_TYPES, KL_ESTIMATORS
+from rlhf_kernels.ops.dpo_loss import check_dpo_options
+
+from .data import OVERLONG
+from .models import DTYPES
+
 
 def _opt(default: Any, text: str) -> Any:
     """A dataclass field with a default and its help string."""
@@ -33,7 +39,7 @@ class TrainConfig:
     )
     tokenizer: str | None = _opt(None, "hub name or local path of the tokenizer (None = same as model)")
     trust_remote_code: bool = _opt(False, "allow custom model code from the hub")
-    dtype: str = _opt("float32", "weight dtype: float32 | bfloat16 | float16")
+    dtype: str = _opt("float32", "weight dtype: " + " | ".join(DTYPES))
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available)")
     mixed_precision: str = _opt("auto", "auto (bf16 autocast on CUDA, off on CPU) | bf16 | no")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
@@ -49,7 +55,7 @@ class TrainConfig:
     eval_split: str | None = _opt(None, "evaluation split of eval_dataset (None = same as split)")
     eval_fraction: float = _opt(0.1, "fraction held out for evaluation when eval_dataset is None (0 = no eval)")
     max_length: int = _opt(256, "maximum tokens per row (prompt + response)")
-    overlong: str = _opt("drop", "rows longer than max_length: drop | truncate | error")
+    overlong: str = _opt("drop", "rows longer than max_length: " + " | ".join(OVERLONG))
     # optimisation
     batch_size: int = _opt(8, "rows per micro-batch")
     eval_batch_size: int = _opt(16, "rows per evaluation batch")
@@ -75,7 +81,7 @@ class TrainConfig:
     plots: bool = _opt(True, "write one PNG per metric at the end")
     progress: bool = _opt(True, "show a progress bar")
     # kernels
-    backend: str | None = _opt(None, "rlhf_kernels backend (None = best available)")
+    backend: str | None = _opt(None, "rlhf_kernels backend: " + " | ".join(BACKENDS) + " (None = best available)")
     chunk_size: int | None = _opt(None, "rows per chunk of the fused LM head (None = kernel default)")
 
     def validate(self) -> None:
@@ -109,7 +115,7 @@ class DPOConfig(TrainConfig):
     output_dir: str = _opt("runs/dpo", "directory for checkpoints, metrics, plots and the final model")
     lr: float = _opt(5e-5, "peak learning rate")
     beta: float = _opt(0.1, "DPO temperature beta (strength of the implicit KL to the reference)")
-    loss_type: str = _opt("sigmoid", "sigmoid | robust | hinge | ipo | apo_zero | simpo")
+    loss_type: str = _opt("sigmoid", " | ".join(DPO_LOSS_TYPES))
     label_smoothing: float = _opt(0.0, "assumed label noise (sigmoid, robust, simpo)")
     simpo_gamma: float = _opt(0.0, "SimPO target reward margin gamma")
     average_log_prob: bool | None = _opt(None, "average sequence log-probs over tokens (None = per loss type)")
@@ -122,12 +128,10 @@ class DPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust", "simpo"):
-            raise ValueError(f"label_smoothing applies to sigmoid, robust and simpo, not loss_type={self.loss_type}")
-        if self.loss_type == "robust" and self.label_smoothing >= 0.5:
-            raise ValueError(f"label_smoothing must be < 0.5 for the robust loss; got {self.label_smoothing}")
-        if self.simpo_gamma and self.loss_type != "simpo":
-            raise ValueError(f"simpo_gamma applies to loss_type=simpo only, not {self.loss_type}")
+        try:  # the loss's own rules, stated once in rlhf_kernels
+            check_dpo_options(self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma)
+        except ValueError as e:
+            raise ValueError(f"{e} (options beta, loss_type, label_smoothing, simpo_gamma)") from None
 
 
 @dataclass
@@ -152,7 +156,9 @@ class PPOConfig(TrainConfig):
     ppo_epochs: int = _opt(4, "passes over each rollout batch")
     missing_eos_penalty: float | None = _opt(None, "subtracted from the score of responses that end without EOS")
     kl_coef: float = _opt(0.05, "initial coefficient of the per-token KL penalty")
-    kl_estimator: str = _opt("k1", "per-token KL in the reward: k1 (log-ratio of the sampled token) | exact")
+    kl_estimator: str = _opt(
+        "k1", "per-token KL in the reward: " + " | ".join(KL_ESTIMATORS) + " (k1: log-ratio of the sampled token)"
+    )
     adaptive_kl: bool = _opt(False, "adapt kl_coef towards target_kl (proportional controller)")
     target_kl: float = _opt(6.0, "target sequence KL of the adaptive controller")
     kl_horizon: int = _opt(10000, "horizon (in sequences) of the adaptive controller")
@@ -163,17 +169,19 @@ class PPOConfig(TrainConfig):
     clip_range_value: float = _opt(0.2, "value clip around the rollout values")
     vf_coef: float = _opt(0.1, "weight of the value loss")
     entropy_coef: float = _opt(0.0, "weight of the entropy bonus")
-    agg: str = _opt("token-mean", "loss aggregation: token-mean | seq-mean-token-sum | seq-mean-token-mean | ...")
+    agg: str = _opt("token-mean", "loss aggregation: " + " | ".join(AGG_MODES))
 
 
+# Each list is read from the code that implements it (the kernels, the data and model loaders).
 _CHOICES = {
-    "dtype": ("float32", "bfloat16", "float16"),
+    "dtype": tuple(DTYPES),
     "mixed_precision": ("auto", "bf16", "no"),
-    "overlong": ("drop", "truncate", "error"),
+    "overlong": OVERLONG,
     "schedule": ("constant", "linear", "cosine"),
-    "loss_type": ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo"),
-    "kl_estimator": ("k1", "exact"),
-    "agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "loss_type": DPO_LOSS_TYPES,
+    "kl_estimator": KL_ESTIMATORS,
+    "agg": AGG_MODES,
+    "backend": BACKENDS,
 }
 
 # field -> (predicate, rule stated in the error); None values (Optional fields) are not checked.
@@ -234,7 +242,7 @@ def validate_fields(cfg: Any, required: tuple[str, ...]) -> None:
     for f in dataclasses.fields(cfg):
         _check_type(f.name, getattr(cfg, f.name), hints[f.name])
     for name, choices in _CHOICES.items():
-        if hasattr(cfg, name) and getattr(cfg, name) not in choices:
+        if hasattr(cfg, name) and getattr(cfg, name) is not None and getattr(cfg, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")
     if hasattr(cfg, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")

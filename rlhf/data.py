@@ -25,17 +25,15 @@ Rules:
 from __future__ import annotations
 
 import math
-import os
-import random
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from .collators import PreferenceCollator as PreferenceCollator
 from .collators import PromptCollator as PromptCollator
 from .collators import SFTCollator as SFTCollator
+from .errors import UserError
+from .sources import KINDS, check_source, load_rows, origin_of, split_holdout  # noqa: F401  (re-exported)
 
 IGNORE_INDEX = -100
-KINDS = ("sft", "preference", "prompt")
 FORMATS = {
     "sft": ("prompt_completion", "messages"),
     "preference": ("explicit", "implicit"),
@@ -49,84 +47,7 @@ FORMAT_COLUMNS = {  # format -> required columns
     "prompt": ("prompt",),
 }  # fmt: skip
 OVERLONG = ("drop", "truncate", "error")
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-BUILTIN = "builtin:"
 SIDES = ("chosen", "rejected")
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-def _looks_like_path(source: str) -> bool:
-    """True when `source` is meant as a local path rather than a hub name ("org/name")."""
-    prefixed = source.startswith(("/", ".", "~"))
-    return prefixed or Path(source).suffix.lower() in FILE_BUILDERS or os.path.exists(source)
-
-
-def _select_split(splits: dict, split: str, source: str):
-    """`split` ("train", "train[:90%]", "train[10:20]+test"...) from a dict of split name -> Dataset."""
-    import datasets
-
-    try:
-        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in splits.items()})
-    except ValueError as err:
-        raise ValueError(f"{source}: cannot select split {split!r} (available: {', '.join(splits)}): {err}") from err
-    parts = [splits[ins.splitname].select(range(ins.from_, ins.to)) for ins in instructions]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def load_rows(source: str, split: str = "train", *, config_name: str | None = None):
-    """A `datasets.Dataset` from `source`.
-
-    source: "builtin:sft" | "builtin:preference" | "builtin:prompt" (one split, "train"); a local file by extension
-    (.jsonl/.json, .parquet, .csv; one split, "train"); a local directory (a dataset saved with `save_to_disk`, or
-    data files that `datasets.load_dataset(dir)` understands); otherwise a hub dataset name loaded with
-    `datasets.load_dataset(source, config_name, split=split)`. `split` may use slicing ("train[:90%]").
-    Raises FileNotFoundError for a missing local path, ValueError for an unknown builtin kind or split.
-    """
-    import datasets
-
-    if source.startswith(BUILTIN):
-        from rlhf.tiny import builtin_rows
-
-        rows = builtin_rows(source[len(BUILTIN) :])
-        return _select_split({"train": datasets.Dataset.from_list(rows)}, split, source)
-    if not _looks_like_path(source):
-        return datasets.load_dataset(source, config_name, split=split)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"dataset path {source!r} does not exist")
-    if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{source}: unknown data file type {path.suffix!r}; expected {', '.join(FILE_BUILDERS)}")
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
-        saved = datasets.load_from_disk(str(path))
-        return _select_split(
-            dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}, split, source
-        )
-    return datasets.load_dataset(str(path), config_name, split=split)
-
-
-def split_holdout(ds, fraction: float, seed: int):
-    """(train, eval): a deterministic random `fraction` of the rows (at least one when fraction > 0) held out.
-
-    Both keep the original row order. Works on a `datasets.Dataset` or a list of rows; fraction 0 gives an empty
-    eval set.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    n = len(ds)
-    n_eval = math.ceil(n * fraction)
-    if n_eval >= n and n_eval > 0:
-        raise ValueError(f"holdout fraction {fraction} of {n} rows leaves no training rows")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    if isinstance(ds, list):
-        return [ds[i] for i in train_idx], [ds[i] for i in eval_idx]
-    return ds.select(train_idx), ds.select(eval_idx)
 
 
 # ---------------------------------------------------------------------------------------------------- formats
@@ -141,11 +62,24 @@ def detect_format(ds, kind: str) -> str:
     if kind not in FORMATS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     columns = list(ds.column_names) if hasattr(ds, "column_names") else list(ds[0]) if len(ds) else []
-    for fmt in FORMATS[kind]:
-        if all(c in columns for c in FORMAT_COLUMNS[fmt]):
-            return fmt
+    fmt = _match_format(columns, kind)
+    if fmt is not None:
+        return fmt
     accepted = "; ".join(f"{fmt}: {', '.join(FORMAT_COLUMNS[fmt])}" for fmt in FORMATS[kind])
-    raise ValueError(f"{kind} data has columns {columns}; accepted formats (required columns) are {accepted}")
+    message = f"{kind} data has columns {columns}; accepted formats (required columns) are {accepted}"
+    other = next((k for k in ("preference", "sft", "prompt") if k != kind and _match_format(columns, k)), None)
+    if other is not None:
+        message += f"; these columns are {other} data, for {STAGES_OF[other]}"
+    origin = origin_of(ds)
+    raise UserError(message, where=origin.source if origin else None)
+
+
+STAGES_OF = {"sft": "`rlhf sft`", "preference": "`rlhf rm` or `rlhf dpo`", "prompt": "`rlhf ppo`"}  # kind -> stages
+
+
+def _match_format(columns: list[str], kind: str) -> str | None:
+    """The first format of `kind` whose required columns are all in `columns`."""
+    return next((f for f in FORMATS[kind] if all(c in columns for c in FORMAT_COLUMNS[f])), None)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -155,37 +89,42 @@ def _where(index: int | None) -> str:
     return "example" if index is None else f"row {index}"
 
 
+def _row_error(index: int | None, message: str) -> UserError:
+    """An invalid row: `prepare` replaces the `row {index}` of the message by the place in the file."""
+    return UserError(message, where=_where(index))
+
+
 def _field(example: dict, field: str, index: int | None, response: bool = False):
-    """example[field], a string or a message list; ValueError when missing, None, or (a response) empty."""
+    """example[field], a string or a message list; UserError when missing, None, or (a response) empty."""
     if field not in example:
-        raise ValueError(f"{_where(index)}: missing field {field!r}")
+        raise _row_error(index, f"missing field {field!r}")
     value = example[field]
     if value is None:
-        what = "empty response" if response else "missing value"
-        raise ValueError(f"{_where(index)}: field {field!r} is None ({what})")
+        what = "missing or null: no response" if response else "missing or null"
+        raise _row_error(index, f"field {field!r} is None ({what})")
     if isinstance(value, str) and response and not value.strip():
-        raise ValueError(f"{_where(index)}: field {field!r} is an empty response")
+        raise _row_error(index, f"field {field!r} is an empty response")
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)):
         return _check_messages(value, index, field)
-    raise ValueError(f"{_where(index)}: field {field!r} must be a string or a list of messages, got {type(value)}")
+    raise _row_error(index, f"field {field!r} must be a string or a list of messages, got {type(value)}")
 
 
 def _check_messages(messages: Sequence, index: int | None, field: str) -> list[dict]:
     """Validated copy of a message list: dicts with a non-empty str role, str content, non-empty assistant turns."""
     if not messages:
-        raise ValueError(f"{_where(index)}: field {field!r} is an empty message list")
+        raise _row_error(index, f"field {field!r} is an empty message list")
     out = []
     for k, m in enumerate(messages):
         name = f"{field}[{k}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
-            raise ValueError(f"{_where(index)}: field {name!r} must be a dict with a 'role' string, got {m!r}")
+            raise _row_error(index, f"field {name!r} must be a dict with a 'role' string, got {m!r}")
         content = m.get("content")
         if not isinstance(content, str):
-            raise ValueError(f"{_where(index)}: field {name + '.content'!r} must be a string, got {content!r}")
+            raise _row_error(index, f"field {name + '.content'!r} must be a string, got {content!r}")
         if m["role"] == "assistant" and not content.strip():
-            raise ValueError(f"{_where(index)}: field {name + '.content'!r} is an empty assistant turn")
+            raise _row_error(index, f"field {name + '.content'!r} is an empty assistant turn")
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -198,7 +137,7 @@ def _margin(example: dict, index: int | None) -> float:
     except (TypeError, ValueError):
         margin = math.nan
     if not math.isfinite(margin):
-        raise ValueError(f"{_where(index)}: field 'margin' must be a finite number, got {value!r}")
+        raise _row_error(index, f"field 'margin' must be a finite number, got {value!r}")
     return margin
 
 
@@ -206,11 +145,11 @@ ADD_PAD = "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and model.resize
 
 
 def check_pad_token(tokenizer, kind: str) -> None:
-    """ValueError when the tokenizer has no pad token, or (kind "preference") its pad id equals its EOS id."""
+    """UserError when the tokenizer has no pad token, or (kind "preference") its pad id equals its EOS id."""
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"the tokenizer has no pad token; add a distinct one, e.g. {ADD_PAD}")
+        raise UserError(f"the tokenizer has no pad token; add a distinct one, e.g. {ADD_PAD}")
     if kind == "preference" and tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer's pad token id ({tokenizer.pad_token_id}) equals its EOS id: the reward is read at the "
             "last real token, which is EOS, and a lookup that finds the last real token from the pad id then reads "
             f"the wrong position; add a distinct pad token, e.g. {ADD_PAD}"
@@ -259,9 +198,10 @@ def _template_segments(tokenizer, messages: list[dict], start: int, index: int |
             continue
         before, through = _render(tokenizer, messages[:k], True), _render(tokenizer, messages[: k + 1], False)
         if not (full.startswith(before) and full.startswith(through) and pos <= len(before) < len(through)):
-            raise ValueError(
-                f"{_where(index)}: field {field!r}: the chat template does not render turn {k} as a prefix of the "
-                "whole conversation, so its response tokens cannot be located"
+            raise _row_error(
+                index,
+                f"field {field!r}: the chat template does not render turn {k} as a prefix of the "
+                "whole conversation, so its response tokens cannot be located",
             )
         response = full[len(before) : len(through)]
         if eos and response.rstrip().endswith(eos):
@@ -288,8 +228,8 @@ def _plain_segments(messages: list[dict], start: int) -> Segments:
 def _conversation_segments(tokenizer, messages: list[dict], start: int, index: int | None, field: str) -> Segments:
     """Segments of a conversation whose assistant turns from `start` on are labelled; it must end with one."""
     if messages[-1]["role"] != "assistant":
-        raise ValueError(
-            f"{_where(index)}: field {field!r}: the last turn must be an assistant turn, got {messages[-1]['role']!r}"
+        raise _row_error(
+            index, f"field {field!r}: the last turn must be an assistant turn, got {messages[-1]['role']!r}"
         )
     if _has_template(tokenizer):
         return _template_segments(tokenizer, messages, start, index, field)
@@ -359,15 +299,16 @@ def _fit(ids, labels, max_length: int, overlong: str, index: int | None, fields:
         raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
     n_prompt = _prompt_length(labels)
     if n_prompt >= max_length:
-        raise ValueError(
-            f"{_where(index)}: field {fields[0]!r}: the prompt alone is {n_prompt} tokens, >= max_length={max_length}"
+        raise _row_error(
+            index, f"field {fields[0]!r}: the prompt alone is {n_prompt} tokens, >= max_length={max_length}"
         )
     if len(ids) <= max_length:
         return ids, labels
     if overlong == "error":
-        raise ValueError(
-            f"{_where(index)}: field {fields[1]!r}: the row is {len(ids)} tokens (prompt {n_prompt}, response "
-            f"{len(ids) - n_prompt}), longer than max_length={max_length}"
+        raise _row_error(
+            index,
+            f"field {fields[1]!r}: the row is {len(ids)} tokens (prompt {n_prompt}, response "
+            f"{len(ids) - n_prompt}), longer than max_length={max_length}",
         )
     if overlong == "drop":
         return None
@@ -378,7 +319,7 @@ def _messages_field(example: dict, field: str, index: int | None) -> list[dict]:
     """A field that must hold a message list."""
     value = _field(example, field, index)
     if isinstance(value, str):
-        raise ValueError(f"{_where(index)}: field {field!r} must be a list of messages, got a string")
+        raise _row_error(index, f"field {field!r} must be a list of messages, got a string")
     return value
 
 
@@ -420,7 +361,7 @@ def _implicit_pair(example: dict, tokenizer, index: int | None) -> list[tuple[li
     n = _common_prefix(*sides)
     for field, side in zip(SIDES, sides, strict=True):
         if n >= len(side) - plain:
-            raise ValueError(f"{_where(index)}: field {field!r}: nothing is left after the prompt shared by both sides")
+            raise _row_error(index, f"field {field!r}: nothing is left after the prompt shared by both sides")
     if plain:
         return [(ids, [IGNORE_INDEX] * n + ids[n:]) for ids in sides]
     templated = _has_template(tokenizer)
@@ -439,7 +380,7 @@ def tokenize_preference(example: dict, tokenizer, max_length: int, overlong: str
     """
     fmt = fmt or detect_format([example], "preference")
     if example.get("chosen") is not None and example.get("chosen") == example.get("rejected"):
-        raise ValueError(f"{_where(index)}: fields 'chosen' and 'rejected' are identical")
+        raise _row_error(index, "fields 'chosen' and 'rejected' are identical")
     if fmt == "implicit":
         pair = _implicit_pair(example, tokenizer, index)
     else:
@@ -468,7 +409,7 @@ def tokenize_prompt(example: dict, tokenizer, max_length: int, overlong: str = "
     if not isinstance(value, str) and value[-1]["role"] == "assistant":
         value = value[:-1]
     if not value or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"{_where(index)}: field {fmt!r} is an empty prompt")
+        raise _row_error(index, f"field {fmt!r} is an empty prompt")
     templated = _has_template(tokenizer)
     if templated:
         text = _render(tokenizer, _as_messages(value, "user"), True)
@@ -476,9 +417,7 @@ def tokenize_prompt(example: dict, tokenizer, max_length: int, overlong: str = "
         text = value if isinstance(value, str) else "\n".join(m["content"] for m in value) + "\n"
     ids = _encode(tokenizer, [(text, False)], templated)[0]
     if len(ids) >= max_length:
-        raise ValueError(
-            f"{_where(index)}: field {fmt!r}: the prompt alone is {len(ids)} tokens, >= max_length={max_length}"
-        )
+        raise _row_error(index, f"field {fmt!r}: the prompt alone is {len(ids)} tokens, >= max_length={max_length}")
     return {"input_ids": ids}
 
 
@@ -489,15 +428,25 @@ def prepare(ds, tokenizer, kind: str, max_length: int, overlong: str = "drop", *
     """Validate and tokenise every row of `ds` (a Dataset or a list of dicts) for `kind`; a list of dicts of ints.
 
     Over-long rows are dropped, truncated or an error per `overlong`; dropped rows are reported in one line through
-    `log`. Raises ValueError naming the row and field for an invalid row, and when every row was dropped.
+    `log`. Raises UserError (a ValueError) naming the row and field for an invalid row, and when every row was
+    dropped. The row is named as the user counts it when `ds` comes from `load_rows`/`split_holdout`: the file's
+    line for JSON Lines, else its row in the file ("row i" of the held-out split is row j of the file).
     """
     fmt = detect_format(ds, kind)
     check_pad_token(tokenizer, kind)
-    tokenize = TOKENIZERS[kind]
-    rows = [tokenize(example, tokenizer, max_length, overlong, fmt=fmt, index=i) for i, example in enumerate(ds)]
+    tokenize, origin = TOKENIZERS[kind], origin_of(ds)
+    rows = []
+    for i, example in enumerate(ds):
+        try:
+            rows.append(tokenize(example, tokenizer, max_length, overlong, fmt=fmt, index=i))
+        except UserError as err:
+            if origin is None:
+                raise
+            raise err.located(origin.where(i)) from err
     out = [row for row in rows if row is not None]
     if len(out) < len(rows):
         log(f"dropped {len(rows) - len(out)} of {len(rows)} rows longer than max_length={max_length}")
     if rows and not out:
-        raise ValueError(f"all {len(rows)} rows are longer than max_length={max_length}")
+        where = origin.source if origin else None
+        raise UserError(f"all {len(rows)} rows are longer than max_length={max_length}", where=where)
     return out

@@ -29,26 +29,24 @@ from dataclasses import dataclass
 
 import torch
 
-import rlhf_kernels
-from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES, check_dpo_options
+from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
 from .collators import PreferenceCollator
 from .config import DPOConfig
-from .models import (
-    IGNORE_INDEX,
-    causal_lm_parts,
-    head_dtype,
-    last_hidden,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-    token_logprobs,
-)
+from .models import IGNORE_INDEX, LMHead, load_causal_lm, load_tokenizer
 from .sft import build_policy, save_policy
-from .train import autocast_context, eval_batches, load_splits, reduce_stats, run, seed_everything
+from .train import (
+    Stage,
+    autocast_context,
+    eval_batches,
+    load_splits,
+    reduce_stats,
+    run,
+    start_stage,
+    supervised_step,
+)
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-REFERENCE_FREE = ("simpo",)
 
 
 @dataclass
@@ -74,14 +72,20 @@ def uses_average(cfg: DPOConfig) -> bool:
 
 def loss_options(cfg: DPOConfig) -> dict:
     """The keyword options of :func:`rlhf_kernels.fused_linear_dpo_loss` set by the config."""
-    return dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+    return dict(
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        gamma=cfg.simpo_gamma,
+        average_log_prob=uses_average(cfg),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- reference
 
 
 @torch.no_grad()
-def reference_logps(model, batch: dict, *, average: bool, backend=None, chunk_size=None, context=None):
+def reference_logps(model, batch: dict, *, average: bool, head: LMHead, context=None):
     """Sequence log-probs ``(chosen (B,), rejected (B,))`` fp32 of a pair batch under ``model``, without gradient.
 
     ``batch``: ``input_ids, attention_mask, labels (2B, T)``. Sums (or, with ``average``, means) of the log-probs
@@ -92,8 +96,7 @@ def reference_logps(model, batch: dict, *, average: bool, backend=None, chunk_si
     model.eval()
     try:
         with context() if context is not None else contextlib.nullcontext():
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            logps = token_logprobs(model, ids, mask, labels, backend=backend, chunk_size=chunk_size)  # (2B, T-1)
+            logps = head.logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B, T-1)
     finally:
         model.train(was_training)
     seq = logps.sum(-1)  # (2B,)
@@ -116,7 +119,7 @@ def build_reference(cfg: DPOConfig, policy, tokenizer, device) -> tuple[torch.nn
     ``ref_model`` when given; else the LoRA policy with ``context = policy.disable_adapter``; else, when the
     log-probs are precomputed, the (still initial) policy itself; else a frozen copy of the initial policy.
     """
-    if cfg.loss_type in REFERENCE_FREE:
+    if cfg.loss_type in REFERENCE_FREE_LOSS_TYPES:
         return None, None
     if cfg.ref_model is not None:
         ref = load_causal_lm(
@@ -135,7 +138,9 @@ def build_reference(cfg: DPOConfig, policy, tokenizer, device) -> tuple[torch.nn
     return frozen(copy.deepcopy(policy)), None
 
 
-def precompute_reference(rows: list[dict], ref, collate, cfg: DPOConfig, autocast, *, context=None) -> list[dict]:
+def precompute_reference(
+    rows: list[dict], ref, collate, cfg: DPOConfig, autocast, *, head: LMHead, context=None
+) -> list[dict]:
     """Copies of ``rows`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` (python floats) from ``ref``.
 
     One no-grad pass in batches of ``eval_batch_size``; the values are those :func:`reference_logps` gives live.
@@ -143,23 +148,19 @@ def precompute_reference(rows: list[dict], ref, collate, cfg: DPOConfig, autocas
     out, size, device = [], cfg.eval_batch_size, next(ref.parameters()).device
     for start, batch in zip(range(0, len(rows), size), eval_batches(rows, collate, size, device)):
         with autocast():
-            chosen, rejected = reference_logps(
-                ref, batch, average=uses_average(cfg), backend=cfg.backend, chunk_size=cfg.chunk_size, context=context
-            )
+            chosen, rejected = reference_logps(ref, batch, average=uses_average(cfg), head=head, context=context)
         for row, c, r in zip(rows[start : start + size], chosen.tolist(), rejected.tolist(), strict=True):
             out.append({**row, REF_KEYS[0]: c, REF_KEYS[1]: r})
     return out
 
 
-def batch_reference(batch: dict, ref, context, cfg: DPOConfig):
+def batch_reference(batch: dict, ref, context, cfg: DPOConfig, head: LMHead):
     """The reference log-probs of a batch: precomputed in it, scored live by ``ref``, or ``(None, None)``."""
     if REF_KEYS[0] in batch:
         return batch[REF_KEYS[0]], batch[REF_KEYS[1]]
     if ref is None:
         return None, None
-    return reference_logps(
-        ref, batch, average=uses_average(cfg), backend=cfg.backend, chunk_size=cfg.chunk_size, context=context
-    )
+    return reference_logps(ref, batch, average=uses_average(cfg), head=head, context=context)
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -168,66 +169,39 @@ def batch_reference(batch: dict, ref, context, cfg: DPOConfig):
 def dpo_loss(
     model,
     batch: dict,
-    denom: int,
+    normalizer: float,
     ref_chosen: torch.Tensor | None,
     ref_rejected: torch.Tensor | None,
     *,
-    average: bool,
     options: dict,
-    backend=None,
-    chunk_size=None,
+    head: LMHead,
 ):
-    """``(loss, stats)`` of a batch of ``B`` pairs: the summed pair losses divided by ``denom`` (the step's pairs).
+    """``(loss, stats)`` of a batch of ``B`` pairs: the summed pair losses divided by ``normalizer`` (the step's
+    pair count).
 
     ``batch``: ``input_ids, attention_mask, labels (2B, T)`` (chosen rows first); ``ref_chosen, ref_rejected (B,)``
-    or None for reference-free losses. ``options``: ``beta, loss_type, label_smoothing, gamma``. Stats (detached)
-    are the :func:`rlhf_kernels.dpo_loss` batch means scaled the same way, so micro-batches add up to step means.
+    or None for reference-free losses. ``options``: :func:`loss_options`. Stats (detached) are the
+    :func:`rlhf_kernels.dpo_loss` batch means scaled by ``B / normalizer``, so micro-batches add up to step means.
     """
-    backbone, head = causal_lm_parts(model)
-    hidden = last_hidden(backbone, batch["input_ids"], batch["attention_mask"])[:, :-1]  # (2B, T-1, H)
-    hidden = hidden.to(head_dtype(hidden, head))
-    weight, bias = head.weight, head.bias
-    if not torch.is_grad_enabled():  # the fused op computes gradients in its forward for inputs that need them
-        weight, bias = weight.detach(), None if bias is None else bias.detach()
-    loss, stats = rlhf_kernels.fused_linear_dpo_loss(
-        hidden,
-        weight.to(hidden.dtype),
-        batch["labels"][:, 1:],  # hidden[:, t] predicts labels[:, t + 1]
-        ref_chosen,
-        ref_rejected,
-        bias=None if bias is None else bias.to(hidden.dtype),
-        ignore_index=IGNORE_INDEX,
-        average_log_prob=average,
-        chunk_size=chunk_size,
-        backend=backend,
-        **options,
-    )  # loss: mean over the B pairs
+    states = head.hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T-1, H)
+    loss, stats = head.dpo_loss(
+        states, batch["labels"][:, 1:], ref_chosen, ref_rejected, normalizer=normalizer, **options
+    )  # hidden[:, t] predicts labels[:, t + 1]
     pairs = count_pairs(batch)
-    scale = pairs / denom
-    loss = loss * scale
+    scale = pairs / normalizer
     stats = {key: value.detach() * scale for key, value in stats.items()}
     stats["loss"] = loss.detach()
     stats["num_pairs"] = torch.tensor(pairs)
     return loss, stats
 
 
-def evaluate(model, rows, collate, cfg: DPOConfig, autocast, ref, context) -> dict:
+def evaluate(model, rows, collate, cfg: DPOConfig, autocast, ref, context, head: LMHead) -> dict:
     """Held-out loss and reward/log-prob statistics, averaged over all pairs."""
     parts = []
     for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
-        with autocast():  # denom 1: sums over the batch's pairs, divided once at the end
-            ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg)
-            _, stats = dpo_loss(
-                model,
-                batch,
-                1,
-                ref_chosen,
-                ref_rejected,
-                average=uses_average(cfg),
-                options=loss_options(cfg),
-                backend=cfg.backend,
-                chunk_size=cfg.chunk_size,
-            )
+        with autocast():  # normalizer 1: sums over the batch's pairs, divided once at the end
+            ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg, head)
+            _, stats = dpo_loss(model, batch, 1, ref_chosen, ref_rejected, options=loss_options(cfg), head=head)
         parts.append(stats)
     totals = reduce_stats(parts)
     return {k: v if k == "num_pairs" else v / len(rows) for k, v in totals.items()}
@@ -238,49 +212,36 @@ def evaluate(model, rows, collate, cfg: DPOConfig, autocast, ref, context) -> di
 
 def train(cfg: DPOConfig, resume: bool = False) -> dict:
     """Run DPO as configured; returns the final train and eval metrics (``eval/rewards/accuracies`` ...)."""
-    check_dpo_options(cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.simpo_gamma)
-    seed_everything(cfg.seed, cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
     model = build_policy(cfg, tokenizer, device)
     collate = DPOCollator(tokenizer.pad_token_id)
     autocast = autocast_context(cfg, device)
+    head = LMHead.from_config(cfg)
 
     ref, context = build_reference(cfg, model, tokenizer, device)
     if cfg.precompute_ref_logps and ref is not None:  # before any update: the policy may be its own reference
-        train_rows = precompute_reference(train_rows, ref, collate, cfg, autocast, context=context)
+        train_rows = precompute_reference(train_rows, ref, collate, cfg, autocast, head=head, context=context)
         if eval_rows:
-            eval_rows = precompute_reference(eval_rows, ref, collate, cfg, autocast, context=context)
+            eval_rows = precompute_reference(eval_rows, ref, collate, cfg, autocast, head=head, context=context)
         ref, context = None, None  # rows now carry the reference; drop the model (unless it is the policy)
+    options = loss_options(cfg)
 
-    options, average = loss_options(cfg), uses_average(cfg)
+    def loss_fn(model, batch, normalizer, detailed):
+        ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg, head)
+        return dpo_loss(model, batch, normalizer, ref_chosen, ref_rejected, options=options, head=head)
 
-    def loss_fn(model, batch, denom, detailed):
-        ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg)
-        return dpo_loss(
-            model,
-            batch,
-            denom,
-            ref_chosen,
-            ref_rejected,
-            average=average,
-            options=options,
-            backend=cfg.backend,
-            chunk_size=cfg.chunk_size,
-        )
+    def evaluate_fn():
+        return evaluate(model, eval_rows, collate, cfg, autocast, ref, context, head)
 
-    def evaluate_fn(model):
-        return evaluate(model, eval_rows, collate, cfg, autocast, ref, context)
-
-    return run(
-        cfg,
-        model,
-        train_rows,
-        collate,
-        loss_fn,
-        count_pairs,
-        evaluate_fn if eval_rows else None,
-        lambda path: save_policy(model, tokenizer, path),
-        resume=resume,
+    stage = Stage(
+        models={"model": model},
+        rows=train_rows,
+        rows_per_step=cfg.batch_size * cfg.grad_accum,
+        step=supervised_step("model", collate, loss_fn, count_pairs, cfg),
+        save_final=lambda path: save_policy(model, tokenizer, path),
+        evaluate=evaluate_fn if eval_rows else None,
+        show=("loss", "rewards/accuracies"),
     )
+    return run(cfg, stage, resume=resume)

@@ -16,12 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-import rlhf_kernels
-
 from .collators import PreferenceCollator, PromptCollator
 from .data import prepare, tokenize_prompt
 from .generation import generate
-from .models import causal_lm_parts, last_hidden
+from .models import LMHead
 
 GoldFn = Callable[[str, str], float]
 
@@ -34,40 +32,22 @@ def _prompt_text(prompt: str | dict) -> str:
     return prompt["prompt"] if isinstance(prompt, dict) else prompt
 
 
-def response_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.nn.Linear]:
-    """``(hidden (B, R, H), lm_head)``: the final hidden states that predict the ``R`` response tokens.
-
-    Positions ``P-1 .. P+R-2`` of a rollout batch (see :mod:`rlhf.generation`) predict tokens ``P .. P+R-1``.
-    """
-    backbone, head = causal_lm_parts(model)
-    P, device = batch["prompt_length"], head.weight.device
-    hidden = last_hidden(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device))[:, P - 1 : -1]
-    return hidden.to(head.weight.dtype), head
-
-
 @torch.no_grad()
 def sequence_kl(policy, ref, batch: dict, *, temperature: float = 1.0) -> torch.Tensor:
     """Exact sequence KL(pi || pi_ref) of each response: ``(B,)`` fp32.
 
     The sum over the response tokens (``response_mask``) of the full-vocabulary per-token
-    KL = sum_v pi(v | s) (log pi(v | s) - log pi_ref(v | s)), computed by :func:`rlhf_kernels.fused_linear_kl`
-    from both models' last hidden states and LM heads (no ``(B, R, V)`` logits). ``batch`` is a rollout batch from
+    KL = sum_v pi(v | s) (log pi(v | s) - log pi_ref(v | s)), computed through the head adapter
+    (:meth:`rlhf.models.LMHead.kl`, :func:`rlhf_kernels.fused_linear_kl`) from both models' last hidden states at
+    positions ``P-1 .. P+R-2`` (no ``(B, R, V)`` logits). ``batch`` is a rollout batch from
     :func:`rlhf.generation.generate`, normally sampled from ``policy``: the mean over samples estimates the KL
     between the two sequence distributions. Exactly 0 when ``ref`` is ``policy``.
     """
-    hidden, head = response_hidden(policy, batch)
-    ref_hidden, ref_head = response_hidden(ref, batch)
-    kl = rlhf_kernels.fused_linear_kl(
-        hidden,
-        head.weight,
-        ref_hidden.to(hidden.device),
-        ref_head.weight.to(hidden.device),
-        bias=head.bias,
-        ref_bias=None if ref_head.bias is None else ref_head.bias.to(hidden.device),
-        temperature=temperature,
-        mask=batch["response_mask"],
-    )  # (B, R)
-    return kl.sum(-1)
+    head = LMHead(temperature=temperature)
+    start = batch["prompt_length"] - 1
+    states = head.hidden(policy, batch["input_ids"], batch["attention_mask"], start)
+    ref_states = head.hidden(ref, batch["input_ids"], batch["attention_mask"], start)
+    return head.kl(states, ref_states, batch["response_mask"]).sum(-1)  # (B, R) -> (B,)
 
 
 def _rollouts(

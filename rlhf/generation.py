@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import IGNORE_INDEX, token_logprobs
+from .models import IGNORE_INDEX
 
 
 def sampling_config(
@@ -84,37 +84,19 @@ def response_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-def response_logprobs(
-    model,
-    batch: dict,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    return_hidden: bool = False,
-    backend=None,
-    chunk_size=None,
-):
-    """Per-token fp32 log-probs ``(B, R)`` of the responses under ``model`` (0 off ``response_mask``).
+def response_logprobs(head, model, batch: dict, *, return_entropy: bool = False, return_hidden: bool = False):
+    """Per-token fp32 log-probs ``(B, R)`` of the responses under ``model`` (0 off ``response_mask``), through the
+    head adapter ``head`` (:class:`rlhf.models.LMHead`, which holds the temperature).
 
-    The targets of positions ``P .. P+R-1`` are predicted from positions ``P-1 .. P+R-2``: the slice ``P-1:`` of
-    :func:`rlhf.models.token_logprobs`. Optional entropy ``(B, R)`` and ``(hidden (B, R, H), lm_head)``.
+    The targets of positions ``P .. P+R-1`` are predicted from positions ``P-1 .. P+R-2``. Optional entropy
+    ``(B, R)`` and the :class:`rlhf.models.HeadStates` of those positions.
     """
-    P = batch["prompt_length"]
-    out = token_logprobs(
+    return head.logprobs(
         model,
         batch["input_ids"],
         batch["attention_mask"],
         response_labels(batch),
-        temperature=temperature,
+        start=batch["prompt_length"] - 1,
         return_entropy=return_entropy,
         return_hidden=return_hidden,
-        backend=backend,
-        chunk_size=chunk_size,
     )
-    if not isinstance(out, tuple):
-        return out[:, P - 1 :]
-    parts = [t[:, P - 1 :] for t in out[: 1 + return_entropy]]
-    if return_hidden:
-        hidden, head = out[-1]
-        parts.append((hidden[:, P - 1 :], head))
-    return tuple(parts)

@@ -1,14 +1,17 @@
-"""Models for training: tokenizer, policy (causal LM), reward model, LoRA, and the fused log-prob forward.
+"""Models for training: tokenizer, policy (causal LM), reward model, LoRA, and the LM-head adapter.
 
 The policy forward used for training never materialises the ``(B, T, V)`` logits: it runs the backbone to the
-last hidden states and hands them with the LM head weight to :func:`rlhf_kernels.fused_linear_logprobs`.
-Positions come from the attention mask (``cumsum - 1``), so a left-padded row scores like its right-padded twin.
+last hidden states and hands them to the fused kernels through :class:`LMHead`, the one adapter every stage and the
+evaluation use. Positions come from the attention mask (``cumsum - 1``), so a left-padded row scores like its
+right-padded twin.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +61,13 @@ def load_tokenizer(name_or_path: str = "builtin", *, trust_remote_code: bool = F
         return build_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    from .errors import UserError, check_local_path
+
+    check_local_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # neither a model directory nor a hub name that can be reached
+        raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     return tok
@@ -92,6 +101,9 @@ def load_causal_lm(
     else:
         from transformers import AutoModelForCausalLM
 
+        from .errors import check_local_path
+
+        check_local_path(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
         )
@@ -124,12 +136,6 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: s
     return get_peft_model(model, config)
 
 
-def causal_lm_parts(model) -> tuple[nn.Module, nn.Linear]:
-    """``(backbone, lm_head)`` of a causal LM, a LoRA-wrapped one included."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` positions counted over real tokens only (0 on left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -146,69 +152,172 @@ def last_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return out.last_hidden_state
 
 
-def token_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    return_hidden: bool = False,
-    backend: str | None = None,
-    chunk_size: int | None = None,
-):
-    """Per-token log-probs of ``labels`` under a causal LM, through the fused head (no full logits).
+class HeadStates(NamedTuple):
+    """Last hidden states ``(..., H)`` of ``model`` in the dtype its LM head runs in (see :class:`LMHead`)."""
 
-    ``input_ids, attention_mask, labels``: ``(B, T)``; ``labels[t]`` is the token at position ``t`` or
-    ``IGNORE_INDEX``. Returns fp32 ``logprobs (B, T-1)`` for the targets ``labels[:, 1:]`` (0 where ignored), then
-    ``entropy (B, T-1)`` and ``(hidden (B, T-1, H), lm_head)`` when asked.
+    hidden: torch.Tensor
+    model: nn.Module
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The one way from a causal LM to the fused LM-head kernels of :mod:`rlhf_kernels`.
+
+    Every stage and the evaluation reach ``fused_linear_logprobs``, ``fused_linear_kl``, ``fused_linear_ppo_loss``
+    and ``fused_linear_dpo_loss`` through this adapter, which owns what they share:
+
+    - ``backend``, ``chunk_size`` and ``temperature`` (the sampling temperature the log-probs are taken at);
+    - the dtype rule: inside autocast the head runs in the autocast dtype (as ``nn.Linear`` would), else in the
+      head weight's dtype; hidden states, weight and bias are cast to it;
+    - the no-grad rule: under ``torch.no_grad()`` the weight is detached, so heads that compute gradients in their
+      forward skip that work;
+    - access to the LM-head weight (:meth:`params`): no stage reads ``lm_head.weight`` itself, so this is the one
+      place where sharded weights are gathered (the gradient must reach the parameter the model owns).
     """
-    backbone, head = causal_lm_parts(model)
-    hidden = last_hidden(backbone, input_ids, attention_mask)[:, :-1]
-    hidden = hidden.to(head_dtype(hidden, head))
-    weight = head.weight.to(hidden.dtype)
-    bias = None if head.bias is None else head.bias.to(hidden.dtype)
-    out = rlhf_kernels.fused_linear_logprobs(
-        hidden,
-        weight,
-        labels[:, 1:],
-        bias=bias,
-        temperature=temperature,
-        ignore_index=IGNORE_INDEX,
-        return_entropy=return_entropy,
-        chunk_size=chunk_size,
-        backend=backend,
-    )
-    out = out if isinstance(out, tuple) else (out,)
-    if return_hidden:
-        out = out + ((hidden, head),)
-    return out if len(out) > 1 else out[0]
 
+    backend: str | None = None
+    chunk_size: int | None = None
+    temperature: float = 1.0
 
-def head_dtype(hidden: torch.Tensor, head: nn.Linear) -> torch.dtype:
-    """The dtype the fused head runs in: the autocast dtype inside autocast (as ``nn.Linear`` would), else the
-    head weight's dtype."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return head.weight.dtype
+    @classmethod
+    def from_config(cls, cfg, *, temperature: float = 1.0) -> LMHead:
+        """The adapter of a stage config (``backend``, ``chunk_size``)."""
+        return cls(backend=cfg.backend, chunk_size=cfg.chunk_size, temperature=temperature)
 
+    @staticmethod
+    def parts(model) -> tuple[nn.Module, nn.Module]:
+        """``(backbone, lm_head)`` of a causal LM, a LoRA-wrapped one included."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.get_decoder(), base.get_output_embeddings()
 
-@torch.no_grad()
-def token_accuracy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Number of targets that are the argmax of ``head(hidden)``, computed in row chunks (no full logits).
+    @staticmethod
+    def run_dtype(model, device: torch.device) -> torch.dtype:
+        """The dtype the head runs in: the autocast dtype inside autocast, else the head weight's dtype."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return LMHead.parts(model)[1].weight.dtype
 
-    ``hidden (..., H)``, ``targets (...)`` with ``IGNORE_INDEX`` skipped. Returns a 0-dim int64 tensor.
-    """
-    keep = targets.reshape(-1) != IGNORE_INDEX
-    h, t = hidden.reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep]
-    weight = head.weight.to(h.dtype)
-    bias = None if head.bias is None else head.bias.to(h.dtype)
-    correct = torch.zeros((), dtype=torch.long, device=h.device)
-    for i in range(0, h.shape[0], chunk):
-        correct += (F.linear(h[i : i + chunk], weight, bias).argmax(-1) == t[i : i + chunk]).sum()
-    return correct
+    def params(self, model, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's ``(weight (V, H), bias (V,) | None)`` in ``dtype`` on ``device``, detached under no_grad."""
+        head = self.parts(model)[1]
+        weight, bias = head.weight, head.bias
+        if not torch.is_grad_enabled():
+            weight, bias = weight.detach(), None if bias is None else bias.detach()
+        weight = weight.to(device=device, dtype=dtype)
+        return weight, None if bias is None else bias.to(device=device, dtype=dtype)
+
+    def hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> HeadStates:
+        """The final hidden states of positions ``start .. T-2`` (those that predict tokens ``start+1 .. T-1``):
+        ``(B, T-1-start, H)`` in the head's run dtype, on the head's device."""
+        backbone, head = self.parts(model)
+        device = head.weight.device
+        hidden = last_hidden(backbone, input_ids.to(device), attention_mask.to(device))[:, start:-1]
+        return HeadStates(hidden.to(self.run_dtype(model, device)), model)
+
+    def logprobs(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        start: int = 0,
+        return_entropy: bool = False,
+        return_hidden: bool = False,
+    ):
+        """Per-token log-probs of ``labels`` under a causal LM through the fused head (no full logits).
+
+        ``input_ids, attention_mask, labels``: ``(B, T)``; ``labels[t]`` is the token at position ``t`` or
+        ``IGNORE_INDEX``. Returns fp32 ``logprobs (B, T-1-start)`` for the targets ``labels[:, start+1:]`` (0 where
+        ignored), then ``entropy`` of the same shape and the :class:`HeadStates` when asked.
+        """
+        states = self.hidden(model, input_ids, attention_mask, start)
+        weight, bias = self.params(model, states.hidden.dtype, states.hidden.device)
+        out = rlhf_kernels.fused_linear_logprobs(
+            states.hidden,
+            weight,
+            labels[:, start + 1 :].to(states.hidden.device),
+            bias=bias,
+            temperature=self.temperature,
+            ignore_index=IGNORE_INDEX,
+            return_entropy=return_entropy,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        out = out if isinstance(out, tuple) else (out,)
+        if return_hidden:
+            out = out + (states,)
+        return out if len(out) > 1 else out[0]
+
+    def kl(self, states: HeadStates, ref_states: HeadStates, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact per-token KL(pi || pi_ref) over the vocabulary ``(...)`` fp32 from both models' hidden states
+        (:func:`rlhf_kernels.fused_linear_kl`); the reference gets no gradient."""
+        h = states.hidden
+        ref_h = ref_states.hidden.to(h.device)
+        weight, bias = self.params(states.model, h.dtype, h.device)
+        ref_weight, ref_bias = self.params(ref_states.model, ref_h.dtype, h.device)
+        return rlhf_kernels.fused_linear_kl(
+            h,
+            weight,
+            ref_h,
+            ref_weight.detach(),
+            bias=bias,
+            ref_bias=None if ref_bias is None else ref_bias.detach(),
+            temperature=self.temperature,
+            mask=None if mask is None else mask.to(h.device),
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def ppo_loss(self, states: HeadStates, labels, old_logprobs, advantages, mask, *, normalizer=None, **options):
+        """:func:`rlhf_kernels.fused_linear_ppo_loss` on ``states`` (``(B, R, H)`` predicting ``labels (B, R)``);
+        ``options``: its loss options (clip ranges, ``agg``, ``entropy_coef`` ...). Returns ``(loss, stats)``."""
+        weight, bias = self.params(states.model, states.hidden.dtype, states.hidden.device)
+        return rlhf_kernels.fused_linear_ppo_loss(
+            states.hidden,
+            weight,
+            labels,
+            old_logprobs,
+            advantages,
+            mask,
+            bias=bias,
+            temperature=self.temperature,
+            normalizer=normalizer,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            **options,
+        )
+
+    def dpo_loss(self, states: HeadStates, labels, ref_chosen, ref_rejected, *, normalizer=None, **options):
+        """:func:`rlhf_kernels.fused_linear_dpo_loss` on ``states`` (``(2B, T, H)``, chosen rows first, predicting
+        ``labels (2B, T)``); ``options``: ``beta, loss_type, label_smoothing, gamma, average_log_prob``."""
+        weight, bias = self.params(states.model, states.hidden.dtype, states.hidden.device)
+        return rlhf_kernels.fused_linear_dpo_loss(
+            states.hidden,
+            weight,
+            labels,
+            ref_chosen,
+            ref_rejected,
+            bias=bias,
+            ignore_index=IGNORE_INDEX,
+            normalizer=normalizer,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            **options,
+        )
+
+    @torch.no_grad()
+    def token_accuracy(self, states: HeadStates, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Number of ``targets`` (``IGNORE_INDEX`` skipped) that are the argmax of the head's logits at ``states``,
+        computed in row chunks (no full logits). Returns a 0-dim int64 tensor."""
+        hidden = states.hidden.detach()
+        keep = targets.reshape(-1) != IGNORE_INDEX
+        h, t = hidden.reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep]
+        weight, bias = self.params(states.model, h.dtype, h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            correct += (F.linear(h[i : i + chunk], weight, bias).argmax(-1) == t[i : i + chunk]).sum()
+        return correct
 
 
 class RewardModel(nn.Module):
@@ -268,9 +377,11 @@ class RewardModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModel
 
+        from .errors import MissingPathError
+
         path = Path(path)
         if not (path / HEAD_FILE).is_file():
-            raise FileNotFoundError(f"{path} has no {HEAD_FILE}: not a saved RewardModel")
+            raise MissingPathError(f"{path} has no {HEAD_FILE}: not a saved RewardModel")
         backbone = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
         model = cls(backbone)
         model.score.load_state_dict(load_file(str(path / HEAD_FILE)))

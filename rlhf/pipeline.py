@@ -18,13 +18,21 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import _opt, load_config, validate_fields
+from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, _opt, load_config, validate_fields
 
 STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "eval")
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}  # stage -> its *_args
+USER_DATA = {  # option -> the kind of data it holds
+    "sft_dataset": "sft",
+    "prompt_dataset": "prompt",
+    "eval_prompt_dataset": "prompt",
+    "preference_dataset": "preference",
+}
 
 
 @dataclass
@@ -72,6 +80,11 @@ class PipelineConfig:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
         if "ppo" in self.stage_list() and "rm" not in self.stage_list() and not self.reward_model:
             raise ValueError("stage ppo needs a reward model: add 'rm' to stages or set reward_model")
+        for stage, cls in STAGE_CONFIGS.items():  # now, not when the stage starts minutes later
+            try:
+                load_config(cls, None, shlex.split(getattr(self, f"{stage}_args")))
+            except ValueError as err:
+                raise ValueError(f"{stage}_args: {err}") from None
 
     def stage_list(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
@@ -101,6 +114,16 @@ def stage_config(cls, cfg: PipelineConfig, extra: str, **values):
     shared = dict(device=cfg.device, seed=cfg.seed, num_threads=cfg.num_threads, progress=cfg.progress)
     overrides = [f"{k}={v}" for k, v in {**shared, **values}.items()] + shlex.split(extra)
     return load_config(cls, None, overrides)
+
+
+def check_user_data(cfg: PipelineConfig) -> None:
+    """Load the user's datasets and check their columns, before anything is written: a UserError names the file
+    and line. (Row contents are checked by each stage when it tokenises them.)"""
+    from .data import detect_format, load_rows
+
+    for option, kind in USER_DATA.items():
+        if getattr(cfg, option):
+            detect_format(load_rows(str(getattr(cfg, option))), kind)
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
@@ -369,9 +392,13 @@ def write_report(cfg: PipelineConfig, results: dict, out: Path) -> Path:
 
 
 def train(cfg: PipelineConfig, resume: bool = True) -> dict:
-    """Run the configured stages; ``resume=False`` (``--restart``) deletes earlier stage outputs first."""
+    """Run the configured stages; ``resume=False`` (``--restart``) deletes earlier stage outputs first. Ends by
+    printing a short summary: the policies' results and where the report and the trained models are."""
+    from .report import summary
     from .train import seed_everything
 
+    t0 = time.perf_counter()
+    check_user_data(cfg)
     out = Path(cfg.output_dir)
     if not resume and out.exists():
         for name in ("data", *STAGE_NAMES, "results.json", "report.md", "report.png"):
@@ -392,6 +419,9 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
         policies["ppo"] = run_ppo(cfg, out, paths, sft_dir, rm_dir)
     if "dpo" in stages:
         policies["dpo"] = run_dpo(cfg, out, sft_dir, pairs)
-    if "eval" not in stages:
-        return {}
-    return evaluate_stage(cfg, out, paths, policies, rm_dir, pairs)
+    results = evaluate_stage(cfg, out, paths, policies, rm_dir, pairs) if "eval" in stages else {}
+    trained = {name: path for name, path in {"sft": sft_dir, "rm": rm_dir, **policies}.items() if name in stages}
+    if cfg.reward_model:  # the user's, not trained here
+        trained.pop("rm", None)
+    print(summary(results, out, trained, time.perf_counter() - t0))
+    return results

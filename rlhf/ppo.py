@@ -16,9 +16,11 @@ initial policy, else with LoRA the adapter-disabled policy); the frozen reward m
 :class:`rlhf.models.RewardModel` started from ``value_model`` or the reward model (LoRA on its backbone too when
 ``lora_r > 0``). Dropout is switched off in the trained models, so each update starts at ratio 1.
 
-Exact resume: a checkpoint holds the policy and the critic (one ``nn.ModuleDict``), both optimizers and schedules,
-the KL coefficient and the RNG states (sampling draws from the global torch RNG); the prompts of iteration ``s``
-and the mini-batch shuffles are functions of ``(seed, s)``. A resumed run ends bitwise equal to an uninterrupted
+The loop, data order, checkpoints and exact resume are the training core's (:func:`rlhf.train.run`); this module
+supplies the models, the KL controller (saved in checkpoints) and the step function of one iteration. A checkpoint
+holds the policy and the critic (one ``nn.ModuleDict``), both optimizers and schedules, the KL coefficient and the
+RNG states (sampling draws from the global torch RNG); the prompts of iteration ``s`` and the mini-batch shuffles
+are functions of ``(seed, s)``. A resumed run ends bitwise equal to an uninterrupted
 one on CPU with the same thread count.
 """
 
@@ -27,24 +29,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .collators import PromptCollator
-from .config import PPOConfig, save_config
+from .config import PPOConfig
+from .errors import UserError
 from .generation import generate
-from .metrics import MetricsLogger, plot_metrics
 from .models import (
+    LMHead,
     apply_lora,
     enable_gradient_checkpointing,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    resolve_device,
 )
 from .ppo_core import (
     AdaptiveKLController,
@@ -57,17 +56,7 @@ from .ppo_core import (
     score,
 )
 from .sft import build_policy, save_policy
-from .train import (
-    autocast_context,
-    build_optimizer,
-    build_scheduler,
-    epoch_order,
-    eval_batches,
-    load_splits,
-    seed_everything,
-    to_device,
-    window_mean,
-)
+from .train import Stage, StepContext, autocast_context, eval_batches, load_splits, run, start_stage, to_device
 
 NO_LIMIT = 2**31  # prompts are length-checked by max_prompt_length here, not by prepare's max_length
 
@@ -82,10 +71,10 @@ def load_prompts(cfg: PPOConfig, tokenizer, log=print) -> tuple[list[dict], list
         if len(kept) < len(rows):
             message = f"{len(rows) - len(kept)} of {len(rows)} {split} prompts are longer than max_prompt_length"
             if cfg.overlong == "error":
-                raise ValueError(f"{message}={cfg.max_prompt_length}")
+                raise UserError(f"{message}={cfg.max_prompt_length} (overlong=error)")
             log(f"dropped {message}={cfg.max_prompt_length}")
         if rows and not kept:
-            raise ValueError(f"every {split} prompt is longer than max_prompt_length={cfg.max_prompt_length}")
+            raise UserError(f"every {split} prompt is longer than max_prompt_length={cfg.max_prompt_length}")
         return kept
 
     return fit(train_rows, "train"), None if not eval_rows else fit(eval_rows, "eval")
@@ -134,22 +123,6 @@ def kl_controller(cfg: PPOConfig) -> FixedKLController:
     return FixedKLController(cfg.kl_coef)
 
 
-def total_iterations(num_prompts: int, cfg: PPOConfig) -> int:
-    """PPO iterations of the run: ``max_steps`` when > 0, else ``epochs`` passes over the prompts."""
-    per_epoch = num_prompts // cfg.rollout_batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{num_prompts} training prompts, fewer than rollout_batch_size={cfg.rollout_batch_size}")
-    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
-
-
-def iteration_prompts(num_prompts: int, cfg: PPOConfig, step: int) -> tuple[list[int], dict]:
-    """Prompt indices of iteration ``step`` (0-based) and its data position ``{epoch, offset}``."""
-    n = cfg.rollout_batch_size
-    epoch, offset = divmod(step, num_prompts // n)
-    order = epoch_order(num_prompts, cfg.seed, epoch)
-    return order[offset * n : (offset + 1) * n], {"epoch": epoch, "offset": offset * n}
-
-
 @torch.no_grad()
 def evaluate(policy, reward_model, tokenizer, rows, cfg: PPOConfig, autocast=contextlib.nullcontext) -> dict:
     """Greedy responses to the held-out prompts: mean score (with the EOS penalty), response length, EOS rate.
@@ -173,11 +146,15 @@ def evaluate(policy, reward_model, tokenizer, rows, cfg: PPOConfig, autocast=con
     }
 
 
-def iteration(step, prompts, models: dict, optimizers: dict, kl_ctl, tokenizer, cfg: PPOConfig, autocast) -> dict:
-    """One PPO iteration on ``prompts``: rollout, score, advantages, update. Returns its metrics."""
+def iteration(step, prompts, models: dict, kl_ctl, tokenizer, cfg: PPOConfig, ctx: StepContext, head: LMHead) -> dict:
+    """One PPO iteration on ``prompts``: rollout, score, advantages, update. Returns its metrics.
+
+    ``models``: ``policy, ref, reward, critic``; the trained two (``ctx.models``) are updated with
+    ``ctx.optimizers``.
+    """
     policy, critic = models["policy"], models["critic"]
-    batch = rollout(policy, models["ref"], critic, tokenizer, prompts, cfg, autocast)
-    with autocast():
+    batch = rollout(policy, models["ref"], critic, tokenizer, prompts, cfg, head, ctx.autocast)
+    with ctx.autocast():
         batch["scores"] = score(
             models["reward"], batch, missing_eos_penalty=cfg.missing_eos_penalty, batch_size=cfg.batch_size
         )
@@ -196,14 +173,14 @@ def iteration(step, prompts, models: dict, optimizers: dict, kl_ctl, tokenizer, 
     stats = rollout_stats(batch, kl_coef)
     stats.update(
         ppo_update(
-            policy,
-            critic,
-            optimizers,
+            ctx.models,
+            ctx.optimizers,
             batch,
             cfg,
+            head,
             seed=cfg.seed * 1_000_003 + step,
-            autocast=autocast,
-            ratio_tolerance=ratio_tolerance(cfg, autocast),
+            autocast=ctx.autocast,
+            ratio_tolerance=ratio_tolerance(cfg, ctx.autocast),
         )
     )
     kl_ctl.update(stats["objective/kl"], batch["input_ids"].shape[0])
@@ -212,82 +189,37 @@ def iteration(step, prompts, models: dict, optimizers: dict, kl_ctl, tokenizer, 
 
 def train(cfg: PPOConfig, resume: bool = False) -> dict:
     """Run PPO as configured; returns the last logged train metrics and the final evaluation (``eval/...``)."""
-    from tqdm.auto import tqdm
-
-    seed_everything(cfg.seed, cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
     policy, ref, reward_model, critic = build_models(cfg, tokenizer, device)
     models = {"policy": policy, "ref": ref, "reward": reward_model, "critic": critic}
-    trained = nn.ModuleDict({"policy": policy, "critic": critic})  # what a checkpoint holds
     collate = PromptCollator(tokenizer.pad_token_id)
-    autocast = autocast_context(cfg, device)
-    steps = total_iterations(len(train_rows), cfg)
-    optimizers = {name: build_optimizer(trained[name], cfg) for name in trained}
-    schedulers = {name: build_scheduler(opt, cfg, steps) for name, opt in optimizers.items()}
+    head = LMHead.from_config(cfg, temperature=cfg.temperature)
     kl_ctl = kl_controller(cfg)
 
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = 0
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, trained)  # restores the RNG states too
-        for name in trained:
-            optimizers[name].load_state_dict(state["optimizers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        start = state["step"]
-        print(f"resumed from {ckpt} (step {start} of {steps})")
-    elif resume:
-        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0")
-    save_config(cfg, out_dir / "config.yaml")
-    logger = MetricsLogger(out_dir, resume_step=start if ckpt is not None else 0, tensorboard=cfg.tensorboard)
+    def step(ctx: StepContext) -> dict:
+        prompts = to_device(collate(ctx.rows), ctx.device)
+        stats = iteration(ctx.step, prompts, models, kl_ctl, tokenizer, cfg, ctx, head)
+        stats["num_episodes"] = len(ctx.rows)
+        return stats
 
-    def run_eval():
-        return evaluate(policy, reward_model, tokenizer, eval_rows, cfg, autocast)
+    def evaluate_fn() -> dict:
+        return evaluate(policy, reward_model, tokenizer, eval_rows, cfg, autocast_context(cfg, device))
 
-    window, last_logged, t0 = [], {}, time.perf_counter()
-    bar = tqdm(total=steps, initial=start, disable=not cfg.progress, desc=out_dir.name, leave=True)
-    for step in range(start, steps):
-        indices, _ = iteration_prompts(len(train_rows), cfg, step)
-        prompts = to_device(collate([train_rows[i] for i in indices]), device)
-        learning_rate = schedulers["policy"].get_last_lr()[0]
-        stats = iteration(step, prompts, models, optimizers, kl_ctl, tokenizer, cfg, autocast)
-        for scheduler in schedulers.values():
-            scheduler.step()
-        stats.update(learning_rate=learning_rate, num_episodes=(step + 1) * cfg.rollout_batch_size)
-        window.append(stats)
-        bar.update(1)
-        bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == steps:
-            last_logged = window_mean(window)
-            last_logged["seconds_per_step"] = (time.perf_counter() - t0) / len(window)
-            logger.log(step + 1, last_logged)
-            window, t0 = [], time.perf_counter()
-        if eval_rows and cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0 and step + 1 < steps:
-            logger.log(step + 1, run_eval(), split="eval")
-        if (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0) or step + 1 == steps:
-            state = {
-                "step": step + 1,
-                "data_position": iteration_prompts(len(train_rows), cfg, step + 1)[1],
-                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                "schedulers": {name: sch.state_dict() for name, sch in schedulers.items()},
-                "kl_controller": kl_ctl.state_dict(),
-                "config": dataclasses.asdict(cfg),
-            }
-            save_checkpoint(out_dir, step + 1, trained, state, keep=cfg.keep_checkpoints)
-    bar.close()
+    def save_final(path) -> None:
+        save_policy(policy, tokenizer, path)
+        critic.save_pretrained(path / "value_model")
 
-    final = {f"train/{k}": v for k, v in last_logged.items()}
-    if eval_rows:
-        metrics = run_eval()
-        logger.log(steps, metrics, split="eval")
-        final.update({f"eval/{k}": v for k, v in metrics.items()})
-    logger.close()
-    save_policy(policy, tokenizer, out_dir / "final")
-    critic.save_pretrained(out_dir / "final" / "value_model")
-    if cfg.plots:
-        plot_metrics(out_dir / "metrics.csv", out_dir / "plots")
-    return final
+    stage = Stage(
+        models={"policy": policy, "critic": critic},
+        rows=train_rows,
+        rows_per_step=cfg.rollout_batch_size,
+        step=step,
+        save_final=save_final,
+        evaluate=evaluate_fn if eval_rows else None,
+        state={"kl_controller": kl_ctl},
+        show=("objective/scores", "objective/kl"),
+        rows_name="rollout_batch_size",
+    )
+    return run(cfg, stage, resume=resume)

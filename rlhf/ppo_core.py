@@ -25,9 +25,17 @@ from torch import nn
 import rlhf_kernels
 
 from .generation import generate, response_logprobs
-from .models import causal_lm_parts, head_dtype, last_hidden
+from .models import HeadStates, LMHead
+from .train import accumulate_and_step
 
 KL_ERROR_CLIP = 0.2  # the adaptive controller's error clip
+
+
+def check_kl_estimator(name: str) -> str:
+    """``name`` when it is one of :data:`rlhf_kernels.KL_ESTIMATORS`, else a ValueError listing them."""
+    if name not in rlhf_kernels.KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {name!r}; choose from {', '.join(rlhf_kernels.KL_ESTIMATORS)}")
+    return name
 
 
 def take(batch: dict, index) -> dict:
@@ -52,25 +60,10 @@ def reference(policy, ref):
     return policy, policy.disable_adapter()
 
 
-def response_hidden(model, batch: dict) -> tuple[torch.Tensor, nn.Linear]:
-    """``(hidden (B, R, H), lm_head)``: the last hidden states predicting each response token, in the head's dtype
-    (the autocast dtype inside autocast)."""
-    P = batch["prompt_length"]
-    backbone, head = causal_lm_parts(model)
-    hidden = last_hidden(backbone, batch["input_ids"], batch["attention_mask"])[:, P - 1 : -1]
-    return hidden.to(head_dtype(hidden, head)), head
-
-
 def response_values(critic, batch: dict) -> torch.Tensor:
     """``(B, R)`` fp32 values ``V(s_t)`` of the state before each response token (garbage off the mask)."""
     P = batch["prompt_length"]
     return critic.token_values(batch["input_ids"], batch["attention_mask"])[:, P - 1 : -1]
-
-
-def _head_args(hidden: torch.Tensor, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight and bias in ``hidden``'s dtype."""
-    bias = None if head.bias is None else head.bias.to(hidden.dtype)
-    return head.weight.to(hidden.dtype), bias
 
 
 def kl_per_token(
@@ -79,62 +72,43 @@ def kl_per_token(
     mask: torch.Tensor,
     *,
     estimator: str = "k1",
-    hidden: tuple | None = None,
-    ref_hidden: tuple | None = None,
-    temperature: float = 1.0,
-    backend: str | None = None,
-    chunk_size: int | None = None,
+    states: HeadStates | None = None,
+    ref_states: HeadStates | None = None,
+    head: LMHead | None = None,
 ) -> torch.Tensor:
-    """Per-token KL penalty ``(B, R)`` fp32, 0 off ``mask``.
+    """Per-token KL penalty ``(B, R)`` fp32, 0 off ``mask``, by ``estimator`` (one of :data:`KL_ESTIMATORS`).
 
-    ``"k1"``: ``log pi(y_t) - log pi_ref(y_t)`` of the sampled token (unbiased, can be negative per token).
-    ``"exact"``: the full-vocabulary ``KL(pi(.|s_t) || pi_ref(.|s_t))`` from both models' ``(hidden (B, R, H),
-    lm_head)`` pairs (``hidden``, ``ref_hidden``) through :func:`rlhf_kernels.fused_linear_kl` (never negative).
+    The sampled-token estimators (:data:`rlhf_kernels.KL_ESTIMATORS`; ``"k1"``: ``log pi(y_t) - log pi_ref(y_t)``,
+    unbiased, can be negative per token) read the two log-probs of the sampled token. ``"exact"``: the
+    full-vocabulary ``KL(pi(.|s_t) || pi_ref(.|s_t))`` from both models' hidden states (``states``,
+    ``ref_states``) through the head adapter ``head`` (never negative).
     """
-    if estimator == "k1":
-        return rlhf_kernels.kl_penalty(logprobs, ref_logprobs, "k1").masked_fill(~mask, 0.0)
+    check_kl_estimator(estimator)
     if estimator != "exact":
-        raise ValueError(f"kl estimator must be 'k1' or 'exact'; got {estimator!r}")
-    if hidden is None or ref_hidden is None:
-        raise ValueError("the exact KL needs the hidden states and LM heads of both models")
-    (h, head), (ref_h, ref_head) = hidden, ref_hidden
-    weight, bias = _head_args(h, head)
-    ref_weight, ref_bias = _head_args(ref_h, ref_head)
-    return rlhf_kernels.fused_linear_kl(
-        h,
-        weight,
-        ref_h,
-        ref_weight,
-        bias=bias,
-        ref_bias=ref_bias,
-        temperature=temperature,
-        mask=mask,
-        chunk_size=chunk_size,
-        backend=backend,
-    )
+        return rlhf_kernels.kl_penalty(logprobs, ref_logprobs, estimator).masked_fill(~mask, 0.0)
+    if states is None or ref_states is None or head is None:
+        raise ValueError("the exact KL needs the hidden states of both models and the head adapter")
+    return head.kl(states, ref_states, mask)
 
 
 @torch.no_grad()
-def rollout_tensors(policy, ref, critic, batch: dict, cfg) -> dict:
+def rollout_tensors(policy, ref, critic, batch: dict, cfg, head: LMHead) -> dict:
     """The ``(B, R)`` tensors of one chunk of a rollout: ``logprobs, entropy, ref_logprobs, kl, values``."""
     mask = batch["response_mask"]
     exact = cfg.kl_estimator == "exact"
-    kwargs = dict(temperature=cfg.temperature, backend=cfg.backend, chunk_size=cfg.chunk_size, return_hidden=exact)
-    logprobs, entropy, *hidden = response_logprobs(policy, batch, return_entropy=True, **kwargs)
+    logprobs, entropy, *states = response_logprobs(head, policy, batch, return_entropy=True, return_hidden=exact)
     ref_model, context = reference(policy, ref)
     with context:
-        ref_out = response_logprobs(ref_model, batch, **kwargs)
-        ref_logprobs, *ref_hidden = ref_out if exact else (ref_out,)
+        ref_out = response_logprobs(head, ref_model, batch, return_hidden=exact)
+        ref_logprobs, *ref_states = ref_out if exact else (ref_out,)
         kl = kl_per_token(
             logprobs,
             ref_logprobs,
             mask,
             estimator=cfg.kl_estimator,
-            hidden=hidden[0] if exact else None,
-            ref_hidden=ref_hidden[0] if exact else None,
-            temperature=cfg.temperature,
-            backend=cfg.backend,
-            chunk_size=cfg.chunk_size,
+            states=states[0] if exact else None,
+            ref_states=ref_states[0] if exact else None,
+            head=head,
         )
     values = response_values(critic, batch).masked_fill(~mask, 0.0)
     return {
@@ -147,11 +121,12 @@ def rollout_tensors(policy, ref, critic, batch: dict, cfg) -> dict:
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, tokenizer, prompts: dict, cfg, autocast=contextlib.nullcontext) -> dict:
+def rollout(policy, ref, critic, tokenizer, prompts: dict, cfg, head: LMHead, autocast=contextlib.nullcontext) -> dict:
     """Sample one response per prompt, then score its tokens without gradients (in chunks of ``cfg.batch_size``).
 
     ``prompts``: left-padded ``input_ids, attention_mask (B, P)``. ``ref=None`` uses the adapter-disabled policy.
-    Sampling follows ``cfg`` (``max_new_tokens, temperature, top_p, top_k``) and draws from the global torch RNG.
+    Sampling follows ``cfg`` (``max_new_tokens, temperature, top_p, top_k``) and draws from the global torch RNG;
+    ``head`` (:class:`rlhf.models.LMHead`) takes the log-probs at the sampling temperature.
     Returns the rollout batch with ``logprobs, entropy, ref_logprobs, kl, values`` (module docstring).
     """
     batch = generate(
@@ -167,7 +142,8 @@ def rollout(policy, ref, critic, tokenizer, prompts: dict, cfg, autocast=context
     parts = []
     for start in range(0, batch["input_ids"].shape[0], cfg.batch_size):
         with autocast():
-            parts.append(rollout_tensors(policy, ref, critic, take(batch, slice(start, start + cfg.batch_size)), cfg))
+            chunk = take(batch, slice(start, start + cfg.batch_size))
+            parts.append(rollout_tensors(policy, ref, critic, chunk, cfg, head))
     batch.update({key: torch.cat([p[key] for p in parts]) for key in parts[0]})
     return batch
 
@@ -263,28 +239,25 @@ def rollout_stats(batch: dict, kl_coef: float) -> dict:
     }
 
 
-def ppo_losses(policy, critic, batch: dict, cfg) -> tuple[torch.Tensor, dict]:
+def ppo_losses(policy, critic, batch: dict, cfg, head: LMHead, normalizer) -> tuple[torch.Tensor, dict]:
     """``(loss, stats)`` of one micro-batch: the clipped policy loss (fused LM head) + ``vf_coef`` x the clipped
-    value loss, each aggregated over the micro-batch by ``cfg.agg``. ``batch`` holds the rollout tensors and
-    ``advantages, returns``; ``stats`` are detached 0-dim tensors."""
+    value loss, each aggregated by ``cfg.agg`` with the denominator ``normalizer`` of the whole mini-batch
+    (:func:`rlhf_kernels.aggregation_denominator` of its mask), so the micro-batches' losses add up to the
+    mini-batch's. ``batch`` holds the rollout tensors and ``advantages, returns``; ``stats`` are detached, the
+    micro-batch's means scaled by its share of the mini-batch (``*/max`` keys: maxima)."""
     P, mask = batch["prompt_length"], batch["response_mask"]
-    hidden, head = response_hidden(policy, batch)  # (b, R, H)
-    weight, bias = _head_args(hidden, head)
-    policy_loss, stats = rlhf_kernels.fused_linear_ppo_loss(
-        hidden,
-        weight,
+    states = head.hidden(policy, batch["input_ids"], batch["attention_mask"], start=P - 1)  # (b, R, H)
+    policy_loss, stats = head.ppo_loss(
+        states,
         batch["input_ids"][:, P:],
         batch["logprobs"],
         batch["advantages"],
         mask,
-        bias=bias,
+        normalizer=normalizer,
         entropy_coef=cfg.entropy_coef,
-        temperature=cfg.temperature,
         clip_low=cfg.clip_range,
         clip_high=cfg.clip_range,
         agg=cfg.agg,
-        chunk_size=cfg.chunk_size,
-        backend=cfg.backend,
     )
     value_loss, value_stats = rlhf_kernels.ppo_value_loss(
         response_values(critic, batch),
@@ -293,65 +266,49 @@ def ppo_losses(policy, critic, batch: dict, cfg) -> tuple[torch.Tensor, dict]:
         mask,
         clip=cfg.clip_range_value,
         agg=cfg.agg,
+        normalizer=normalizer,
         backend=cfg.backend,
     )
+    share = rlhf_kernels.aggregation_denominator(mask, cfg.agg) / normalizer
     out = {
         "loss/policy": policy_loss.detach(),
         "loss/value": value_loss.detach(),
-        "policy/approxkl": stats["policy/approxkl"],
-        "policy/clipfrac": stats["policy/clipfrac"],
-        "policy/entropy": stats["policy/entropy"],
-        "val/clipfrac": value_stats["val/clipfrac"],
-        "max_abs_log_ratio": stats["policy/max_abs_log_ratio"],
+        "policy/approxkl": stats["policy/approxkl"] * share,
+        "policy/clipfrac": stats["policy/clipfrac"] * share,
+        "policy/entropy": stats["policy/entropy"] * share,
+        "val/clipfrac": value_stats["val/clipfrac"] * share,
+        "policy/log_ratio/max": stats["policy/max_abs_log_ratio"],
     }
     return policy_loss + cfg.vf_coef * value_loss, out
 
 
-def micro_share(micro_mask: torch.Tensor, mini_mask: torch.Tensor, agg: str) -> float:
-    """The weight of a micro-batch's loss in its mini-batch's, so that the micro-batches add up to the loss of the
-    whole mini-batch: its share of the tokens (``token-mean``) or of the sequences with a token (``seq-mean-*``)."""
-    if agg == "token-mean":
-        return int(micro_mask.sum()) / max(int(mini_mask.sum()), 1)
-    return int(micro_mask.any(-1).sum()) / max(int(mini_mask.any(-1).sum()), 1)
-
-
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-    """Clip the gradient norm (``max_grad_norm = 0``: no clipping), step, zero the gradients; returns the norm."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-def mini_batch_step(policy, critic, optimizers: dict, mini: dict, cfg, autocast=contextlib.nullcontext) -> dict:
-    """One optimizer update of the policy and the critic on a mini-batch, accumulated over micro-batches of
-    ``cfg.batch_size``. Returns its stats (means over the mini-batch; ``max_abs_log_ratio`` a max)."""
-    mask, n = mini["response_mask"], mini["input_ids"].shape[0]
-    totals: dict = {}
-    for start in range(0, n, cfg.batch_size):
-        micro = take(mini, slice(start, start + cfg.batch_size))
-        share = micro_share(micro["response_mask"], mask, cfg.agg)
-        with autocast():
-            loss, stats = ppo_losses(policy, critic, micro, cfg)
-        (loss * share).backward()
-        for key, value in stats.items():
-            if key == "max_abs_log_ratio":
-                totals[key] = max(totals.get(key, 0.0), float(value))
-            else:
-                totals[key] = totals.get(key, 0.0) + float(value) * share
-    totals["grad_norm"] = clip_and_step(policy, optimizers["policy"], cfg.max_grad_norm)
-    totals["val/grad_norm"] = clip_and_step(critic, optimizers["critic"], cfg.max_grad_norm)
-    return totals
+def mini_batch_step(
+    models: dict, optimizers: dict, mini: dict, cfg, head: LMHead, autocast=contextlib.nullcontext
+) -> dict:
+    """One optimizer update of the policy and the critic (``models["policy"]``, ``models["critic"]``) on a
+    mini-batch, accumulated over micro-batches of ``cfg.batch_size`` (:func:`rlhf.train.accumulate_and_step`).
+    Returns its stats (means over the mini-batch; ``policy/log_ratio/max`` a max)."""
+    n = mini["input_ids"].shape[0]
+    micros = [take(mini, slice(start, start + cfg.batch_size)) for start in range(0, n, cfg.batch_size)]
+    normalizer = rlhf_kernels.aggregation_denominator(mini["response_mask"], cfg.agg).clamp_min(1.0)
+    return accumulate_and_step(
+        models,
+        optimizers,
+        micros,
+        lambda micro, norm: ppo_losses(models["policy"], models["critic"], micro, cfg, head, norm),
+        normalizer,
+        max_grad_norm=cfg.max_grad_norm,
+        autocast=autocast,
+        norm_keys={"policy": "grad_norm", "critic": "val/grad_norm"},
+    )
 
 
 def ppo_update(
-    policy,
-    critic,
+    models: dict,
     optimizers: dict,
     batch: dict,
     cfg,
+    head: LMHead,
     *,
     seed: int,
     autocast=contextlib.nullcontext,
@@ -359,9 +316,9 @@ def ppo_update(
 ) -> dict:
     """``cfg.ppo_epochs`` passes over the rollout batch in shuffled mini-batches of ``cfg.mini_batch_size``.
 
-    ``optimizers``: ``{"policy": ..., "critic": ...}``. The shuffles come from a generator seeded by ``seed`` (the
-    global RNG is left alone). The ratio-1 check: the first mini-batch runs before any optimizer step of this
-    update, so its recomputed log-probs must equal the rollout's; their largest deviation is returned as
+    ``models``, ``optimizers``: ``{"policy": ..., "critic": ...}``. The shuffles come from a generator seeded by
+    ``seed`` (the global RNG is left alone). The ratio-1 check: the first mini-batch runs before any optimizer
+    step of this update, so its recomputed log-probs must equal the rollout's; their largest deviation is returned as
     ``policy/ratio_dev_at_start`` and a warning is raised above ``ratio_tolerance``. The other stats are means over
     the mini-batches (``*_avg``, ``grad_norm``, ``val/grad_norm``).
     """
@@ -372,8 +329,8 @@ def ppo_update(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.mini_batch_size):
             mini = take(batch, order[start : start + cfg.mini_batch_size])
-            parts.append(mini_batch_step(policy, critic, optimizers, mini, cfg, autocast))
-    deviation = parts[0]["max_abs_log_ratio"]
+            parts.append(mini_batch_step(models, optimizers, mini, cfg, head, autocast))
+    deviation = parts[0]["policy/log_ratio/max"]
     if deviation > ratio_tolerance:
         warnings.warn(
             f"PPO ratio check: the first mini-batch's log-probs differ from the rollout's by up to {deviation:.3g} "

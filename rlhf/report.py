@@ -41,6 +41,26 @@ def results_table(results: dict) -> list[str]:
     return lines
 
 
+def summary(results: dict, out: Path, models: dict[str, Path], seconds: float) -> str:
+    """The few lines that end `rlhf pipeline`: the policies' reward (gold, else RM), KL to SFT and win rate, then
+    where the report and the trained models are."""
+    lines = [f"rlhf pipeline: done in {int(seconds // 60)}m{int(seconds % 60):02d}s"]
+    policies = results.get("policies", {})
+    if (out / "report.md").is_file() and policies:
+        lines[0] += f"; report: {out / 'report.md'}"
+    reward = "gold_reward" if any("gold_reward" in p for p in policies.values()) else "rm_reward"
+    titles = dict(COLUMNS)
+    cols = [k for k in (reward, "kl_to_sft", "win_rate_vs_sft") if any(k in p for p in policies.values())]
+    if cols:
+        width = max(len("policy"), *map(len, policies))
+        lines.append("policy".ljust(width) + "".join(f"  {titles[k]}" for k in cols))
+        for name, metrics in policies.items():
+            lines.append(name.ljust(width) + "".join(f"  {_fmt(metrics.get(k)):>{len(titles[k])}}" for k in cols))
+    if models:
+        lines.append("final models: " + ", ".join(f"{name} {path}" for name, path in models.items()))
+    return "\n".join(lines)
+
+
 def plot_gold_vs_kl(results: dict, path: Path) -> Path | None:
     """Scatter of mean gold reward (or RM reward) against KL to SFT, one point per policy."""
     from matplotlib.figure import Figure

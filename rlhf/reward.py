@@ -13,8 +13,17 @@ import torch.nn.functional as F
 
 from .collators import PreferenceCollator
 from .config import RewardConfig
-from .models import RewardModel, apply_lora, load_reward_model, load_tokenizer, resolve_device
-from .train import autocast_context, eval_batches, load_splits, run, seed_everything
+from .models import RewardModel, apply_lora, load_reward_model, load_tokenizer
+from .train import (
+    Stage,
+    autocast_context,
+    eval_batches,
+    load_splits,
+    reduce_stats,
+    run,
+    start_stage,
+    supervised_step,
+)
 
 
 def count_pairs(batch: dict) -> int:
@@ -26,22 +35,24 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     return -F.logsigmoid(chosen - rejected - margin) + center_coef * (chosen + rejected).square()
 
 
-def reward_loss(model: RewardModel, batch: dict, denom: int, detailed: bool = False, *, center_coef: float = 0.0):
+def reward_loss(
+    model: RewardModel, batch: dict, normalizer: float, detailed: bool = False, *, center_coef: float = 0.0
+):
     """``(loss, stats)`` for a batch of ``B`` pairs stacked as ``2B`` rows (chosen first, then rejected).
 
     ``batch``: ``input_ids, attention_mask (2B, T)``, ``margin (B,)``. The loss is summed over the pairs and
-    divided by ``denom`` (the step's pair count). ``detailed`` is accepted for the shared loop and unused.
+    divided by ``normalizer`` (the step's pair count). ``detailed`` is accepted for the shared loop and unused.
     """
     rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
     pairs = batch["margin"].shape[0]
     chosen, rejected = rewards[:pairs], rewards[pairs:]
-    loss = bradley_terry_loss(chosen, rejected, batch["margin"].float(), center_coef).sum() / denom
+    loss = bradley_terry_loss(chosen, rejected, batch["margin"].float(), center_coef).sum() / normalizer
     r = rewards.detach()
     stats = {
         "loss": loss.detach(),
-        "accuracy": (chosen.detach() > rejected.detach()).float().sum() / denom,
-        "margin": (chosen.detach() - rejected.detach()).sum() / denom,
-        "reward/mean": r.sum() / (2 * denom),
+        "accuracy": (chosen.detach() > rejected.detach()).float().sum() / normalizer,
+        "margin": (chosen.detach() - rejected.detach()).sum() / normalizer,
+        "reward/mean": r.sum() / (2 * normalizer),
         "reward/min": r.min(),
         "reward/max": r.max(),
         "num_pairs": torch.tensor(pairs),
@@ -51,8 +62,6 @@ def reward_loss(model: RewardModel, batch: dict, denom: int, detailed: bool = Fa
 
 def evaluate(model: RewardModel, rows, collate, cfg: RewardConfig, autocast) -> dict:
     """Held-out loss, accuracy, margin and reward statistics, averaged over all pairs."""
-    from .train import reduce_stats
-
     parts = []
     for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
         with autocast():
@@ -88,32 +97,29 @@ def build_reward_model(cfg: RewardConfig, tokenizer, device) -> RewardModel:
 
 def train(cfg: RewardConfig, resume: bool = False) -> dict:
     """Train a reward model as configured; returns the final train and eval metrics (``eval/accuracy`` ...)."""
-    seed_everything(cfg.seed, cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
     model = build_reward_model(cfg, tokenizer, device)
     collate = PreferenceCollator(tokenizer.pad_token_id)
-    autocast = autocast_context(cfg, device)
 
-    def loss_fn(model, batch, denom, detailed):
-        return reward_loss(model, batch, denom, detailed, center_coef=cfg.center_coef)
+    def loss_fn(model, batch, normalizer, detailed):
+        return reward_loss(model, batch, normalizer, detailed, center_coef=cfg.center_coef)
 
-    def evaluate_fn(model):
-        return evaluate(model, eval_rows, collate, cfg, autocast)
+    def evaluate_fn():
+        return evaluate(model, eval_rows, collate, cfg, autocast_context(cfg, device))
 
     def save_final(path):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
-    return run(
-        cfg,
-        model,
-        train_rows,
-        collate,
-        loss_fn,
-        count_pairs,
-        evaluate_fn if eval_rows else None,
-        save_final,
-        resume=resume,
+    stage = Stage(
+        models={"model": model},
+        rows=train_rows,
+        rows_per_step=cfg.batch_size * cfg.grad_accum,
+        step=supervised_step("model", collate, loss_fn, count_pairs, cfg),
+        save_final=save_final,
+        evaluate=evaluate_fn if eval_rows else None,
+        show=("loss", "accuracy"),
     )
+    return run(cfg, stage, resume=resume)

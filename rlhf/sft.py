@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from .collators import SFTCollator
 from .config import SFTConfig
-from .models import (
-    IGNORE_INDEX,
-    apply_lora,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-    token_accuracy,
-    token_logprobs,
-)
-from .train import autocast_context, eval_batches, load_splits, run, seed_everything
+from .models import IGNORE_INDEX, LMHead, apply_lora, load_causal_lm, load_tokenizer
+from .train import Stage, autocast_context, eval_batches, load_splits, run, start_stage, supervised_step
 
 
 def count_tokens(batch: dict) -> int:
@@ -26,40 +18,33 @@ def count_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def sft_loss(model, batch: dict, denom: int, detailed: bool, *, backend=None, chunk_size=None):
-    """``(loss, stats)``: summed NLL of the response tokens divided by ``denom`` (the step's token count).
+def sft_loss(model, batch: dict, normalizer: float, detailed: bool, *, head: LMHead):
+    """``(loss, stats)``: summed NLL of the response tokens divided by ``normalizer`` (the step's token count).
 
     ``batch``: ``input_ids, attention_mask, labels (B, T)``. ``detailed`` adds ``mean_token_accuracy`` (one extra
     no-grad pass over the LM head on the response tokens).
     """
-    logprobs, entropy, (hidden, head) = token_logprobs(
-        model,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["labels"],
-        return_entropy=True,
-        return_hidden=True,
-        backend=backend,
-        chunk_size=chunk_size,
+    logprobs, entropy, states = head.logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"], return_entropy=True, return_hidden=True
     )  # (B, T-1) each
     targets = batch["labels"][:, 1:]
-    loss = -logprobs.sum() / denom
+    loss = -logprobs.sum() / normalizer
     stats = {
         "loss": loss.detach(),
-        "entropy": entropy.detach().sum() / denom,
+        "entropy": entropy.detach().sum() / normalizer,
         "num_tokens": (targets != IGNORE_INDEX).sum(),
     }
     if detailed:
-        stats["mean_token_accuracy"] = token_accuracy(hidden.detach(), head, targets) / denom
+        stats["mean_token_accuracy"] = head.token_accuracy(states, targets) / normalizer
     return loss, stats
 
 
-def evaluate(model, rows, collate, cfg, autocast) -> dict:
+def evaluate(model, rows, collate, cfg, autocast, head: LMHead) -> dict:
     """Token-weighted loss, accuracy and entropy over the held-out rows."""
     totals = {"loss": 0.0, "entropy": 0.0, "mean_token_accuracy": 0.0, "num_tokens": 0}
     for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
-        with autocast():  # denom 1: sums over the batch's tokens, divided once at the end
-            _, stats = sft_loss(model, batch, 1, True, backend=cfg.backend, chunk_size=cfg.chunk_size)
+        with autocast():  # normalizer 1: sums over the batch's tokens, divided once at the end
+            _, stats = sft_loss(model, batch, 1, True, head=head)
         for key in totals:
             totals[key] += stats[key].item()
     tokens = max(totals["num_tokens"], 1)
@@ -96,28 +81,25 @@ def save_policy(model, tokenizer, path) -> None:
 
 def train(cfg: SFTConfig, resume: bool = False) -> dict:
     """Run SFT as configured; returns the final train and eval metrics."""
-    seed_everything(cfg.seed, cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "sft")
     model = build_policy(cfg, tokenizer, device)
     collate = SFTCollator(tokenizer.pad_token_id)
-    autocast = autocast_context(cfg, device)
+    head = LMHead.from_config(cfg)
 
-    def loss_fn(model, batch, denom, detailed):
-        return sft_loss(model, batch, denom, detailed, backend=cfg.backend, chunk_size=cfg.chunk_size)
+    def loss_fn(model, batch, normalizer, detailed):
+        return sft_loss(model, batch, normalizer, detailed, head=head)
 
-    def evaluate_fn(model):
-        return evaluate(model, eval_rows, collate, cfg, autocast)
+    def evaluate_fn():
+        return evaluate(model, eval_rows, collate, cfg, autocast_context(cfg, device), head)
 
-    return run(
-        cfg,
-        model,
-        train_rows,
-        collate,
-        loss_fn,
-        count_tokens,
-        evaluate_fn if eval_rows else None,
-        lambda path: save_policy(model, tokenizer, path),
-        resume=resume,
+    stage = Stage(
+        models={"model": model},
+        rows=train_rows,
+        rows_per_step=cfg.batch_size * cfg.grad_accum,
+        step=supervised_step("model", collate, loss_fn, count_tokens, cfg),
+        save_final=lambda path: save_policy(model, tokenizer, path),
+        evaluate=evaluate_fn if eval_rows else None,
     )
+    return run(cfg, stage, resume=resume)

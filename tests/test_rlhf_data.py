@@ -438,6 +438,74 @@ def test_split_holdout_is_deterministic_and_disjoint():
         split_holdout(rows, 1.0, seed=0)
 
 
+# ---------------------------------------------------------------------------------------------------- error places
+
+
+def _without_completion(i):
+    rows = [dict(r) for r in ROWS * 2]  # 10 rows
+    rows[i] = {"prompt": rows[i]["prompt"], "completion": None}
+    return rows
+
+
+def test_errors_name_the_jsonl_line_after_slicing_and_holdout(tmp_path, tok):
+    # rows 0..9; a blank line after row 0 and one after row 4: row i is on line i + 1 (i = 0), i + 2 (1 <= i <= 4),
+    # i + 3 (i >= 5). Row 7 is on line 10.
+    lines = [json.dumps(r) for r in _without_completion(7)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines[:1] + [""] + lines[1:5] + ["  "] + lines[5:]) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl, line 10: field 'completion' is None"):
+        prepare(load_rows(str(path)), tok, "sft", 64)
+    # train[2:] holds file rows 2..9; seed 3 holds out its positions 0, 5, 7 (file rows 2, 7, 9): file row 7 is
+    # row 1 of the held-out split, which the message must not name
+    assert split_holdout(list(range(8)), 0.3, seed=3)[1] == [0, 5, 7]
+    train, held = split_holdout(load_rows(str(path), "train[2:]"), 0.3, seed=3)
+    assert held["completion"][1] is None
+    prepare(train, tok, "sft", 64)
+    with pytest.raises(ValueError, match=r"^\S*data\.jsonl, line 10: field 'completion'"):
+        prepare(held, tok, "sft", 64)
+
+
+def test_errors_name_the_file_row_of_other_formats(tmp_path, tok):
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list(_without_completion(7)).to_parquet(str(path))
+    assert split_holdout(list(range(10)), 0.3, seed=0)[1] == [1, 7, 8]  # file row 7 is held-out row 1
+    with pytest.raises(ValueError, match=r"data\.parquet, row 7: field 'completion'"):
+        prepare(split_holdout(load_rows(str(path)), 0.3, seed=0)[1], tok, "sft", 64)
+    held = split_holdout(datasets.Dataset.from_list(_without_completion(7)), 0.3, seed=0)[1]  # built in memory
+    with pytest.raises(ValueError, match=r"^row 7: field 'completion'"):
+        prepare(held, tok, "sft", 64)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(_without_completion(3))}
+    ).save_to_disk(str(saved))
+    with pytest.raises(ValueError, match=r"saved split 'test', row 3: field 'completion'"):
+        prepare(load_rows(str(saved), "train+test"), tok, "sft", 64)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("a.jsonl", '{"prompt": "a"}\n\n{"prompt": "c",, "completion": "d"}\n', "line 3: not valid JSON"),
+        ("a.jsonl", '{"prompt": "a"}\n["c", "d"]\n', "line 2: expected a JSON object"),
+        ("a.json", '[\n  {"prompt": "a"},\n  {"prompt": "c" "completion": "d"}\n]\n', "line 3: not valid JSON"),
+    ],
+)
+def test_unparsable_json_names_the_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{name}, {message}"):
+        load_rows(str(path))
+
+
+def test_wrong_kind_of_data_names_the_stage_for_it(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    _write(path, [GOOD["preference"]] * 2)
+    with pytest.raises(ValueError, match=r"pairs\.jsonl: sft data has columns .*preference data, for `rlhf rm` or"):
+        detect_format(load_rows(str(path)), "sft")
+    with pytest.raises(ValueError, match=r"preference data has columns .*these columns are sft data, for `rlhf sft`"):
+        detect_format([GOOD["sft"]], "preference")
+
+
 # ---------------------------------------------------------------------------------------------------- collators
 
 

@@ -19,9 +19,11 @@ from rlhf_cli_helpers import final_weights, kill_then_resume  # noqa: E402
 import rlhf_kernels  # noqa: E402
 from rlhf import dpo  # noqa: E402
 from rlhf.config import DPOConfig, load_config  # noqa: E402
-from rlhf.models import IGNORE_INDEX, load_causal_lm, load_tokenizer, position_ids_from_mask  # noqa: E402
+from rlhf.models import IGNORE_INDEX, LMHead, load_causal_lm, load_tokenizer, position_ids_from_mask  # noqa: E402
 from rlhf.sft import build_policy  # noqa: E402
 from rlhf.train import autocast_context, load_splits  # noqa: E402
+
+HEAD = LMHead()
 
 QUIET = dict(progress=False, plots=False, tensorboard=False, num_threads=1)
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -108,8 +110,8 @@ def test_loss_and_gradient_match_full_logits(tokenizer, rows, options):
     ref = load_causal_lm("builtin-small", tokenizer, seed=2)
     batch = dpo.DPOCollator(tokenizer.pad_token_id)(rows[:4])
     average = dpo.uses_average(cfg)
-    rc, rr = dpo.reference_logps(ref, batch, average=average)
-    loss, stats = dpo.dpo_loss(policy, batch, 8, rc, rr, average=average, options=dpo.loss_options(cfg))
+    rc, rr = dpo.reference_logps(ref, batch, average=average, head=HEAD)
+    loss, stats = dpo.dpo_loss(policy, batch, 8, rc, rr, options=dpo.loss_options(cfg), head=HEAD)
     (loss * 2).backward()  # 4 pairs of a step of 8: loss * 2 is this batch's mean
     grad = policy.lm_head.weight.grad.clone()
     policy.zero_grad()
@@ -133,15 +135,16 @@ def test_precomputed_reference_equals_live(tokenizer, rows):
     ref, context = dpo.build_reference(cfg, policy, tokenizer, "cpu")
     assert ref is not policy and context is None and not any(p.requires_grad for p in ref.parameters())
     collate = dpo.DPOCollator(tokenizer.pad_token_id)
-    stored = dpo.precompute_reference(rows[:40], ref, collate, cfg, autocast_context(cfg, torch.device("cpu")))
+    autocast = autocast_context(cfg, torch.device("cpu"))
+    stored = dpo.precompute_reference(rows[:40], ref, collate, cfg, autocast, head=HEAD)
     assert [r["chosen_input_ids"] for r in stored] == [r["chosen_input_ids"] for r in rows[:40]]
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
     for i in range(0, 40, 5):  # other batch compositions (and paddings) than the precomputing pass
         batch = collate([stored[j] for j in order[i : i + 5]])
-        live = dpo.reference_logps(ref, batch, average=False)
+        live = dpo.reference_logps(ref, batch, average=False, head=HEAD)
         torch.testing.assert_close(live[0], batch["ref_chosen_logps"], rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(live[1], batch["ref_rejected_logps"], rtol=1e-6, atol=1e-5)
-        assert dpo.batch_reference(batch, None, None, cfg)[0] is batch["ref_chosen_logps"]
+        assert dpo.batch_reference(batch, None, None, cfg, HEAD)[0] is batch["ref_chosen_logps"]
 
 
 def test_ref_model_path_is_loaded_frozen(tmp_path, tokenizer, rows):
@@ -152,7 +155,8 @@ def test_ref_model_path_is_loaded_frozen(tmp_path, tokenizer, rows):
     ref, context = dpo.build_reference(cfg, policy, tokenizer, "cpu")
     assert context is None and not ref.training and not any(p.requires_grad for p in ref.parameters())
     batch = dpo.DPOCollator(tokenizer.pad_token_id)(rows[:4])
-    for a, b in zip(dpo.reference_logps(ref, batch, average=True), dpo.reference_logps(other, batch, average=True)):
+    pairs = [dpo.reference_logps(m, batch, average=True, head=HEAD) for m in (ref, other)]
+    for a, b in zip(*pairs):
         assert torch.equal(a, b)
     simpo = DPOConfig(model="builtin-small", ref_model=str(tmp_path / "ref"), loss_type="simpo")
     assert dpo.build_reference(simpo, policy, tokenizer, "cpu") == (None, None)
@@ -193,11 +197,11 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer, rows):
     assert ref is policy and context is not None
     batch = dpo.DPOCollator(tokenizer.pad_token_id)(rows[:6])
     base = load_causal_lm("builtin-small", tokenizer, seed=cfg.seed)
-    disabled = dpo.reference_logps(policy, batch, average=False, context=context)
-    plain = dpo.reference_logps(base, batch, average=False)
+    disabled = dpo.reference_logps(policy, batch, average=False, head=HEAD, context=context)
+    plain = dpo.reference_logps(base, batch, average=False, head=HEAD)
     for a, b in zip(disabled, plain, strict=True):
         assert torch.equal(a, b)
-    adapted = dpo.reference_logps(policy, batch, average=False)
+    adapted = dpo.reference_logps(policy, batch, average=False, head=HEAD)
     assert (adapted[0] - plain[0]).abs().max() > 1e-2
     assert policy.training and any(p.requires_grad for p in policy.parameters())
 

@@ -10,15 +10,20 @@ import torch.nn.functional as F  # noqa: E402
 
 from rlhf.models import (  # noqa: E402
     IGNORE_INDEX,
+    LMHead,
     RewardModel,
     apply_lora,
     is_checkpointing,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    token_accuracy,
-    token_logprobs,
 )
+
+HEAD = LMHead()
+
+
+def token_logprobs(model, ids, mask, labels, **kwargs):
+    return HEAD.logprobs(model, ids, mask, labels, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +83,15 @@ def test_token_logprobs_gradients_match_full_logits(policy, tokenizer):
 def test_token_accuracy_counts_argmax_hits(policy, tokenizer):
     ids, mask = _pad(_rows(tokenizer), tokenizer.pad_token_id, "right")
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    _, (hidden, head) = token_logprobs(policy, ids, mask, labels, return_hidden=True)
+    _, states = token_logprobs(policy, ids, mask, labels, return_hidden=True)
     logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]
     tgt = labels[:, 1:]
     tgt_hit = labels[:, 1:].clone()
     tgt_hit[0, 0] = logits[0, 0].argmax()  # make at least one target the argmax
     for t in (tgt, tgt_hit):
         expected = ((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum()
-        assert int(token_accuracy(hidden.detach(), head, t, chunk=2)) == int(expected)
-    assert int(token_accuracy(hidden.detach(), head, tgt_hit, chunk=2)) >= 1
+        assert int(HEAD.token_accuracy(states, t, chunk=2)) == int(expected)
+    assert int(HEAD.token_accuracy(states, tgt_hit, chunk=2)) >= 1
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

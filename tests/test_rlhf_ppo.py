@@ -22,7 +22,7 @@ from rlhf import ppo  # noqa: E402
 from rlhf.collators import PromptCollator  # noqa: E402
 from rlhf.config import PPOConfig  # noqa: E402
 from rlhf.generation import response_logprobs, response_mask_from  # noqa: E402
-from rlhf.models import load_causal_lm, load_tokenizer  # noqa: E402
+from rlhf.models import LMHead, load_causal_lm, load_tokenizer  # noqa: E402
 from rlhf.ppo_core import (  # noqa: E402
     AdaptiveKLController,
     FixedKLController,
@@ -54,6 +54,10 @@ METRICS = (
     "learning_rate",
     "grad_norm",
 )
+
+
+def _head(cfg: PPOConfig) -> LMHead:
+    return LMHead.from_config(cfg, temperature=cfg.temperature)
 
 
 def _cfg(**overrides) -> PPOConfig:
@@ -117,7 +121,7 @@ def test_rollout_masks_and_pads_after_eos(tokenizer):
     policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
     _make_eos_likely(policy, tokenizer.eos_token_id)
     torch.manual_seed(0)
-    batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg), reward_model, cfg)
+    batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg)), reward_model, cfg)
     P, mask, ended = batch["prompt_length"], batch["response_mask"], batch["ended"]
     lengths = mask.sum(-1)
     assert bool(ended.any()) and not bool(ended.all()), ended  # both kinds of rows are exercised
@@ -137,7 +141,7 @@ def test_rollout_masks_and_pads_after_eos(tokenizer):
         assert (batch[key][~mask] == 0).all(), key
     assert (batch["logprobs"][mask] < 0).all()
     # the rollout log-probs are the policy's own on those tokens; the reference is the initial policy
-    torch.testing.assert_close(batch["logprobs"], response_logprobs(policy, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch["logprobs"], response_logprobs(_head(cfg), policy, batch), atol=1e-5, rtol=0)
     assert (batch["kl"][mask].abs() > 0).any()  # the EOS row differs between the policy and its reference
 
 
@@ -184,14 +188,15 @@ def test_adaptive_kl_controller_on_hand_made_numbers():
 def test_ratio_check_is_zero_normally_and_warns_on_stale_logprobs(tokenizer):
     cfg = _cfg(ppo_epochs=1, lr=1e-3)
     policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
-    batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg), reward_model, cfg)
+    batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg)), reward_model, cfg)
 
     def update(old_logprobs):
         p, c = copy.deepcopy(policy), copy.deepcopy(critic)
         optimizers = {"policy": build_optimizer(p, cfg), "critic": build_optimizer(c, cfg)}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            stats = ppo_update(p, c, optimizers, {**batch, "logprobs": old_logprobs}, cfg, seed=0)
+            models = {"policy": p, "critic": c}
+            stats = ppo_update(models, optimizers, {**batch, "logprobs": old_logprobs}, cfg, _head(cfg), seed=0)
         return stats, [w for w in caught if "ratio check" in str(w.message)]
 
     stats, caught = update(batch["logprobs"])
@@ -208,7 +213,7 @@ def test_micro_batches_add_up_to_the_mini_batch(tokenizer):
         cfg = _cfg(mini_batch_size=4, agg=agg)
         policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer, n=4)
         _make_eos_likely(policy, tokenizer.eos_token_id)  # responses of different lengths
-        batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg), reward_model, cfg)
+        batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg)), reward_model, cfg)
         results = []
         for micro in (4, 1):
             p, c = copy.deepcopy(policy), copy.deepcopy(critic)
@@ -216,7 +221,8 @@ def test_micro_batches_add_up_to_the_mini_batch(tokenizer):
                 "policy": torch.optim.SGD(p.parameters(), lr=1.0),
                 "critic": torch.optim.SGD(c.parameters(), lr=1.0),
             }
-            stats = mini_batch_step(p, c, optimizers, batch, _cfg(batch_size=micro, agg=agg, max_grad_norm=0.0))
+            micro_cfg = _cfg(batch_size=micro, agg=agg, max_grad_norm=0.0)
+            stats = mini_batch_step({"policy": p, "critic": c}, optimizers, batch, micro_cfg, _head(cfg))
             before = {**policy.state_dict(), **critic.state_dict()}
             results.append((stats, {k: v - before[k] for k, v in {**p.state_dict(), **c.state_dict()}.items()}))
         (s_big, big), (s_small, small) = results
@@ -238,9 +244,9 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg)
+    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg))
     base = load_causal_lm("builtin-small", tokenizer, seed=cfg.seed)  # the initial policy, never wrapped
-    torch.testing.assert_close(batch["ref_logprobs"], response_logprobs(base, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch["ref_logprobs"], response_logprobs(_head(cfg), base, batch), atol=1e-5, rtol=0)
     mask = batch["response_mask"]
     assert (batch["logprobs"] - batch["ref_logprobs"])[mask].abs().max() > 1e-2
     assert torch.equal(batch["kl"], (batch["logprobs"] - batch["ref_logprobs"]) * mask)
@@ -264,12 +270,12 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
 def test_exact_kl_matches_full_logits_and_trains(tmp_path, tokenizer):
     cfg = _cfg(kl_estimator="exact", temperature=0.7)
     policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg)
+    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg))
     assert torch.equal(batch["kl"], torch.zeros_like(batch["kl"]))  # the policy is still its reference: exactly 0
     with torch.no_grad():
         for param in policy.parameters():
             param.add_(torch.randn_like(param) * 0.02)
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg)
+    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg))
     P, mask = batch["prompt_length"], batch["response_mask"]
     with torch.no_grad():
         logits = [

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
 from rlhf.config import PPOConfig  # noqa: E402
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer  # noqa: E402
+from rlhf.models import LMHead, load_causal_lm, load_reward_model, load_tokenizer  # noqa: E402
 from rlhf.ppo_core import compute_advantages, response_values, rollout, rollout_stats  # noqa: E402
 
 NAN = float("nan")
@@ -105,7 +105,8 @@ def rolled_out():
     # batch_size 2: the batch of 3 is scored in two chunks; log-probs are taken at the sampling temperature
     cfg = PPOConfig(model="builtin-small", device="cpu", max_new_tokens=5, batch_size=2, temperature=0.7)
     torch.manual_seed(0)
-    batch = rollout(policy, ref, critic, tokenizer, {"input_ids": input_ids, "attention_mask": attention_mask}, cfg)
+    prompts = {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, LMHead.from_config(cfg, temperature=cfg.temperature))
     lengths = attention_mask.sum(-1).tolist()
     assert len(set(lengths)) == 3 and batch["prompt_length"] == P, lengths
     return policy, ref, critic, batch, cfg
