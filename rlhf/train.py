@@ -297,6 +297,17 @@ def _checkpointed(models: dict[str, torch.nn.Module]) -> torch.nn.Module:
     return torch.nn.ModuleDict(models)
 
 
+def upgrade_state(state: dict, names: list[str]) -> dict:
+    """A checkpoint's state in today's layout. Checkpoints written before the training core held one stage's
+    optimizer and schedule under ``optimizer`` / ``scheduler`` (SFT, RM, DPO) and PPO's no ``totals``."""
+    state = dict(state)
+    if "optimizer" in state and len(names) == 1:
+        state["optimizers"] = {names[0]: state.pop("optimizer")}
+        state["schedulers"] = {names[0]: state.pop("scheduler")}
+    state.setdefault("totals", {})
+    return state
+
+
 def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
     """Train ``stage`` for the configured steps: data order, steps, schedules, logging, evaluation, checkpoints,
     exact resume, progress, final export and plots. Returns the last logged train metrics (``train/...``) and
@@ -316,7 +327,7 @@ def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
     start, totals = 0, {}
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, trained)  # restores the RNG states too
+        state = upgrade_state(load_checkpoint(ckpt, trained), list(models))  # restores the RNG states too
         for name in models:
             optimizers[name].load_state_dict(state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])

@@ -1,6 +1,7 @@
 """SFT and reward-model training on the built-in tiny model: learning, accumulation, LoRA, CLI, exact resume."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,22 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
         return [int(r["step"]) for r in _rows(path) if r["split"] == "train"]
 
     assert train_steps(killed_dir) == train_steps(tmp_path / "straight") == list(range(2, 25, 2))
+
+
+def test_resume_reads_a_checkpoint_written_before_the_training_core(tmp_path):
+    """One-model stages used to save ``optimizer``/``scheduler``; such a checkpoint still resumes exactly."""
+    args = dict(model="builtin-small", max_steps=3, save_steps=1, batch_size=4, keep_checkpoints=0, **QUIET)
+    sft.train(SFTConfig(output_dir=str(tmp_path / "straight"), **args))
+    legacy = tmp_path / "legacy"
+    sft.train(SFTConfig(output_dir=str(legacy), **args))
+    for step in (2, 3):  # keep the step-1 checkpoint only, in the old layout
+        shutil.rmtree(legacy / "checkpoints" / f"step-{step:08d}")
+    shutil.rmtree(legacy / "final")
+    state_file = legacy / "checkpoints" / "step-00000001" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"], state["scheduler"] = state.pop("optimizers")["model"], state.pop("schedulers")["model"]
+    torch.save(state, state_file)
+    sft.train(SFTConfig(output_dir=str(legacy), **args), resume=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(legacy)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
