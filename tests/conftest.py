@@ -16,6 +16,12 @@ KERNEL_BACKENDS = [b for b in rlhf_kernels.available_backends(DEVICE) if b != "r
 ALL_BACKENDS = rlhf_kernels.available_backends(DEVICE)
 
 
+def op_backends(op: str) -> list[str]:
+    """The kernel backends (not the reference) that run the low-level ``op`` here, from the op table."""
+    status = rlhf_kernels.backend_status(DEVICE, op=op)
+    return [b for b in KERNEL_BACKENDS if status[b] == "ok"]
+
+
 def pytest_report_header(config):
     return f"rlhf_kernels backends on {DEVICE}: {rlhf_kernels.backend_status(DEVICE)}"
 

@@ -4,22 +4,13 @@ composition fused_linear_logprobs -> ppo_policy_loss + kl_penalty + aggregate_lo
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, KERNEL_BACKENDS, assert_within_torch_error
+from conftest import DEVICE, assert_within_torch_error, op_backends
 
 import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels.ops.kl_penalty import kl_penalty_from_delta
 
-
-def _has_native_kernel(op: str, backend: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}[backend]
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{op}", key)
-    except RuntimeError:  # an older build of _C without the schema
-        return False
-
-
-FUSED_BACKENDS = [b for b in KERNEL_BACKENDS if b == "triton" or _has_native_kernel("ppo_policy_fwd", b)]
+FUSED_BACKENDS = op_backends("ppo_policy_fwd")
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 B, T, H, V = 4, 13, 16, 211
 STATS = ("policy/clipfrac", "policy/approxkl", "policy/clipfrac_lower", "policy/entropy", "policy/kl")

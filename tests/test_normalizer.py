@@ -6,23 +6,14 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, KERNEL_BACKENDS, assert_within_torch_error
+from conftest import DEVICE, KERNEL_BACKENDS, assert_within_torch_error, op_backends
 
 import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES
 
-
-def _has_native_kernel(op: str, backend: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}[backend]
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{op}", key)
-    except RuntimeError:  # an older build of _C without the schema
-        return False
-
-
-POLICY_BACKENDS = [b for b in KERNEL_BACKENDS if b == "triton" or _has_native_kernel("ppo_policy_fwd", b)]
-VALUE_BACKENDS = [b for b in KERNEL_BACKENDS if b == "triton" or _has_native_kernel("ppo_value_fwd", b)]
+POLICY_BACKENDS = op_backends("ppo_policy_fwd")
+VALUE_BACKENDS = op_backends("ppo_value_fwd")
 AGGS = rlhf_kernels.AGG_MODES
 B, T, H, V = 6, 9, 16, 97
 
