@@ -70,6 +70,7 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 TRAIN_REQUIRES = [
+    "torch>=2.11",  # FSDP2 and torch.distributed.checkpoint's safetensors storage as checked (the kernels need 2.4)
     "transformers>=4.56",
     "datasets>=3.0",
     "tokenizers>=0.21",

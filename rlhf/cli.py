@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 
+from . import distributed
 from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
 from .errors import UserError
 from .pipeline import PipelineConfig
@@ -102,4 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(module_name).train(cfg, resume=resume)
     except UserError as e:
         return error_exit(e, debug)
+    finally:
+        distributed.shutdown()  # leave the torchrun process group (a no-op on one process)
     return 0

@@ -21,6 +21,7 @@ from rlhf_kernels import AGG_MODES, BACKENDS, DPO_LOSS_TYPES, KL_ESTIMATORS
 from rlhf_kernels.ops.dpo_loss import check_dpo_options
 
 from .data import OVERLONG
+from .distributed import MODES as DISTRIBUTED_MODES
 from .models import DTYPES
 
 
@@ -57,9 +58,11 @@ class TrainConfig:
     max_length: int = _opt(256, "maximum tokens per row (prompt + response)")
     overlong: str = _opt("drop", "rows longer than max_length: " + " | ".join(OVERLONG))
     # optimisation
-    batch_size: int = _opt(8, "rows per micro-batch")
+    batch_size: int = _opt(8, "rows per micro-batch (per process)")
     eval_batch_size: int = _opt(16, "rows per evaluation batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    grad_accum: int = _opt(
+        1, "micro-batches per optimizer step per process; a step reads batch_size * grad_accum * processes rows"
+    )
     epochs: int = _opt(1, "passes over the training data")
     max_steps: int = _opt(-1, "optimizer steps (> 0 overrides epochs; -1 = from epochs)")
     lr: float = _opt(1e-4, "peak learning rate")
@@ -71,6 +74,11 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = no clipping)")
     seed: int = _opt(0, "random seed (model init, data order, dropout)")
     num_threads: int = _opt(0, "torch CPU threads (0 = torch default)")
+    # processes (torchrun)
+    distributed: str = _opt(
+        "auto", "under torchrun: fsdp2 (shard) | ddp (replicate) | none; auto = fsdp2 with more than one process"
+    )
+    shard_frozen: bool = _opt(True, "fsdp2: shard the frozen models too (false = a full copy on every process)")
     # output
     output_dir: str = _opt("runs/train", "directory for checkpoints, metrics, plots and the final model")
     save_steps: int = _opt(50, "checkpoint every N steps (0 = only at the end)")
@@ -151,8 +159,13 @@ class PPOConfig(TrainConfig):
     temperature: float = _opt(1.0, "sampling temperature (also applied to the log-probs used in the losses)")
     top_p: float = _opt(1.0, "nucleus sampling threshold (1 = off)")
     top_k: int = _opt(0, "top-k sampling (0 = off)")
-    rollout_batch_size: int = _opt(16, "prompts sampled per PPO iteration (one optimizer 'step' is one iteration)")
-    mini_batch_size: int = _opt(8, "sequences per PPO optimizer update")
+    rollout_batch_size: int = _opt(
+        16, "prompts sampled per PPO iteration, over all processes (one optimizer 'step' is one iteration)"
+    )
+    mini_batch_size: int = _opt(8, "sequences per PPO optimizer update, over all processes")
+    generation_batch_size: int = _opt(
+        0, "prompts per generate call and sampling seed (per process; 0 = batch_size); fixed across process counts"
+    )
     ppo_epochs: int = _opt(4, "passes over each rollout batch")
     missing_eos_penalty: float | None = _opt(None, "subtracted from the score of responses that end without EOS")
     kl_coef: float = _opt(0.05, "initial coefficient of the per-token KL penalty")
@@ -182,6 +195,7 @@ _CHOICES = {
     "kl_estimator": KL_ESTIMATORS,
     "agg": AGG_MODES,
     "backend": BACKENDS,
+    "distributed": DISTRIBUTED_MODES,
 }
 
 # field -> (predicate, rule stated in the error); None values (Optional fields) are not checked.
@@ -220,6 +234,7 @@ _RANGES = {
     "rollout_batch_size": (lambda v: v >= 1, ">= 1"),
     "mini_batch_size": (lambda v: v >= 1, ">= 1"),
     "ppo_epochs": (lambda v: v >= 1, ">= 1"),
+    "generation_batch_size": (lambda v: v >= 0, ">= 0"),
     "kl_coef": (lambda v: v >= 0, ">= 0"),
     "target_kl": (lambda v: v > 0, "> 0"),
     "kl_horizon": (lambda v: v >= 1, ">= 1"),

@@ -31,6 +31,7 @@ import torch
 
 from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
+from . import distributed
 from .collators import PreferenceCollator
 from .config import DPOConfig
 from .models import IGNORE_INDEX, LMHead, load_causal_lm, load_tokenizer
@@ -38,12 +39,15 @@ from .sft import build_policy, save_policy
 from .train import (
     Stage,
     autocast_context,
-    eval_batches,
+    build_device,
+    eval_totals,
     load_splits,
-    reduce_stats,
     run,
+    shard_eval_batches,
     start_stage,
+    supervised_batch,
     supervised_step,
+    to_device,
 )
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -144,14 +148,17 @@ def precompute_reference(
     """Copies of ``rows`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` (python floats) from ``ref``.
 
     One no-grad pass in batches of ``eval_batch_size``; the values are those :func:`reference_logps` gives live.
+    On many processes each scores its share of the rows and every process gets all the values.
     """
-    out, size, device = [], cfg.eval_batch_size, next(ref.parameters()).device
-    for start, batch in zip(range(0, len(rows), size), eval_batches(rows, collate, size, device)):
+    values, size, device = [], cfg.eval_batch_size, next(ref.parameters()).device
+    for part, real in distributed.shard_for_eval(rows, size):
+        batch = to_device(collate(list(part)), device)
         with autocast():
             chosen, rejected = reference_logps(ref, batch, average=uses_average(cfg), head=head, context=context)
-        for row, c, r in zip(rows[start : start + size], chosen.tolist(), rejected.tolist(), strict=True):
-            out.append({**row, REF_KEYS[0]: c, REF_KEYS[1]: r})
-    return out
+        if real:
+            values += list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+    values = [pair for share in distributed.all_gather_objects(values) for pair in share]  # in row order
+    return [{**row, REF_KEYS[0]: c, REF_KEYS[1]: r} for row, (c, r) in zip(rows, values, strict=True)]
 
 
 def batch_reference(batch: dict, ref, context, cfg: DPOConfig, head: LMHead):
@@ -183,9 +190,15 @@ def dpo_loss(
     or None for reference-free losses. ``options``: :func:`loss_options`. Stats (detached) are the
     :func:`rlhf_kernels.dpo_loss` batch means scaled by ``B / normalizer``, so micro-batches add up to step means.
     """
-    states = head.hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T-1, H)
     loss, stats = head.dpo_loss(
-        states, batch["labels"][:, 1:], ref_chosen, ref_rejected, normalizer=normalizer, **options
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        ref_chosen,
+        ref_rejected,
+        normalizer=normalizer,
+        **options,
     )  # hidden[:, t] predicts labels[:, t + 1]
     pairs = count_pairs(batch)
     scale = pairs / normalizer
@@ -196,14 +209,14 @@ def dpo_loss(
 
 
 def evaluate(model, rows, collate, cfg: DPOConfig, autocast, ref, context, head: LMHead) -> dict:
-    """Held-out loss and reward/log-prob statistics, averaged over all pairs."""
+    """Held-out loss and reward/log-prob statistics, averaged over all pairs (each process evaluates its share)."""
     parts = []
-    for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
+    for batch, real in shard_eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
         with autocast():  # normalizer 1: sums over the batch's pairs, divided once at the end
             ref_chosen, ref_rejected = batch_reference(batch, ref, context, cfg, head)
             _, stats = dpo_loss(model, batch, 1, ref_chosen, ref_rejected, options=loss_options(cfg), head=head)
-        parts.append(stats)
-    totals = reduce_stats(parts)
+        parts.append(stats if real else distributed.neutral_stats(stats))
+    totals = eval_totals(parts)
     return {k: v if k == "num_pairs" else v / len(rows) for k, v in totals.items()}
 
 
@@ -215,12 +228,15 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
     device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
-    model = build_policy(cfg, tokenizer, device)
+    model = build_policy(cfg, tokenizer, build_device(device))
     collate = DPOCollator(tokenizer.pad_token_id)
     autocast = autocast_context(cfg, device)
     head = LMHead.from_config(cfg)
 
-    ref, context = build_reference(cfg, model, tokenizer, device)
+    ref, context = build_reference(cfg, model, tokenizer, build_device(device))  # copies the unsharded policy
+    if ref is not None and ref is not model:
+        ref = distributed.place_frozen(ref)
+    model = distributed.shard(model)
     if cfg.precompute_ref_logps and ref is not None:  # before any update: the policy may be its own reference
         train_rows = precompute_reference(train_rows, ref, collate, cfg, autocast, head=head, context=context)
         if eval_rows:
@@ -235,13 +251,16 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
     def evaluate_fn():
         return evaluate(model, eval_rows, collate, cfg, autocast, ref, context, head)
 
+    rows_per_step, rows_name = supervised_batch(cfg)
     stage = Stage(
         models={"model": model},
         rows=train_rows,
-        rows_per_step=cfg.batch_size * cfg.grad_accum,
+        rows_per_step=rows_per_step,
         step=supervised_step("model", collate, loss_fn, count_pairs, cfg),
-        save_final=lambda path: save_policy(model, tokenizer, path),
+        save_final=lambda path, trained: save_policy(trained["model"], tokenizer, path),
         evaluate=evaluate_fn if eval_rows else None,
         show=("loss", "rewards/accuracies"),
+        plain_models=lambda: {"model": build_policy(cfg, tokenizer, "cpu")},
+        rows_name=rows_name,
     )
     return run(cfg, stage, resume=resume)

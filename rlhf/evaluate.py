@@ -45,7 +45,7 @@ def sequence_kl(policy, ref, batch: dict, *, temperature: float = 1.0) -> torch.
     """
     head = LMHead(temperature=temperature)
     start = batch["prompt_length"] - 1
-    states = head.hidden(policy, batch["input_ids"], batch["attention_mask"], start)
+    states = head.hidden(policy, batch["input_ids"], batch["attention_mask"], start)  # no-grad: own forward calls
     ref_states = head.hidden(ref, batch["input_ids"], batch["attention_mask"], start)
     return head.kl(states, ref_states, batch["response_mask"]).sum(-1)  # (B, R) -> (B,)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .models import IGNORE_INDEX
 
 
@@ -59,9 +60,10 @@ def generate(model, tokenizer, prompts: dict, **sampling) -> dict:
     config = sampling_config(tokenizer, **sampling)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], generation_config=config
-    )
+    with distributed.gathered(model):  # sharded: gather once for every new token (no collective per token)
+        out = model.generate(
+            input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], generation_config=config
+        )
     model.train(was_training)
     P = prompts["input_ids"].shape[1]
     responses = out[:, P:]

@@ -19,6 +19,8 @@ from torch import nn
 
 import rlhf_kernels
 
+from .distributed import forward_call
+
 IGNORE_INDEX = -100
 PAD_TOKEN = "<pad>"
 
@@ -172,7 +174,11 @@ class LMHead:
     - the no-grad rule: under ``torch.no_grad()`` the weight is detached, so heads that compute gradients in their
       forward skip that work;
     - access to the LM-head weight (:meth:`params`): no stage reads ``lm_head.weight`` itself, so this is the one
-      place where sharded weights are gathered (the gradient must reach the parameter the model owns).
+      place where sharded weights are gathered (the gradient must reach the parameter the model owns);
+    - one forward call per computation (:func:`rlhf.distributed.forward_call`): :meth:`logprobs`,
+      :meth:`ppo_loss` and :meth:`dpo_loss` run the backbone and the head in a single call of the model, so a
+      sharded model gathers its root's parameters (embeddings, final norm, head) once and reduces their gradients
+      once, after the whole loss's backward.
     """
 
     backend: str | None = None
@@ -198,7 +204,10 @@ class LMHead:
         return LMHead.parts(model)[1].weight.dtype
 
     def params(self, model, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's ``(weight (V, H), bias (V,) | None)`` in ``dtype`` on ``device``, detached under no_grad."""
+        """The LM head's ``(weight (V, H), bias (V,) | None)`` in ``dtype`` on ``device``, detached under no_grad.
+
+        Call it only inside ``forward_call(model, ...)`` (:func:`rlhf.distributed.forward_call`) or ``model(...)``:
+        a sharded model's head weight is gathered only there. The methods below do so."""
         head = self.parts(model)[1]
         weight, bias = head.weight, head.bias
         if not torch.is_grad_enabled():
@@ -206,13 +215,21 @@ class LMHead:
         weight = weight.to(device=device, dtype=dtype)
         return weight, None if bias is None else bias.to(device=device, dtype=dtype)
 
-    def hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> HeadStates:
-        """The final hidden states of positions ``start .. T-2`` (those that predict tokens ``start+1 .. T-1``):
-        ``(B, T-1-start, H)`` in the head's run dtype, on the head's device."""
+    def _hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> HeadStates:
+        """:meth:`hidden` without the ``forward_call``: for the methods that run inside one already."""
         backbone, head = self.parts(model)
         device = head.weight.device
         hidden = last_hidden(backbone, input_ids.to(device), attention_mask.to(device))[:, start:-1]
         return HeadStates(hidden.to(self.run_dtype(model, device)), model)
+
+    def hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> HeadStates:
+        """The final hidden states of positions ``start .. T-2`` (those that predict tokens ``start+1 .. T-1``):
+        ``(B, T-1-start, H)`` in the head's run dtype, on the head's device, computed in their own forward call.
+
+        For no-grad uses (the states of :meth:`kl`). A loss needing gradients must compute its hidden states and
+        its head in one call: :meth:`logprobs`, :meth:`ppo_loss`, :meth:`dpo_loss` (on a sharded model a second
+        call on the same root would reduce its gradients before the first call's backward has run)."""
+        return forward_call(model, lambda: self._hidden(model, input_ids, attention_mask, start))
 
     def logprobs(
         self,
@@ -224,100 +241,164 @@ class LMHead:
         start: int = 0,
         return_entropy: bool = False,
         return_hidden: bool = False,
+        return_correct: bool = False,
     ):
         """Per-token log-probs of ``labels`` under a causal LM through the fused head (no full logits).
 
         ``input_ids, attention_mask, labels``: ``(B, T)``; ``labels[t]`` is the token at position ``t`` or
         ``IGNORE_INDEX``. Returns fp32 ``logprobs (B, T-1-start)`` for the targets ``labels[:, start+1:]`` (0 where
-        ignored), then ``entropy`` of the same shape and the :class:`HeadStates` when asked.
+        ignored), followed by the extras asked for, in this order: ``entropy`` (same shape, fp32), ``correct``
+        (0-dim int64, no gradient: how many labelled targets are the argmax of the head's logits, computed in
+        row chunks), the :class:`HeadStates` of positions ``start .. T-2``. One ``forward_call`` of ``model``.
         """
-        states = self.hidden(model, input_ids, attention_mask, start)
-        weight, bias = self.params(model, states.hidden.dtype, states.hidden.device)
-        out = rlhf_kernels.fused_linear_logprobs(
-            states.hidden,
-            weight,
-            labels[:, start + 1 :].to(states.hidden.device),
-            bias=bias,
-            temperature=self.temperature,
-            ignore_index=IGNORE_INDEX,
-            return_entropy=return_entropy,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
-        out = out if isinstance(out, tuple) else (out,)
-        if return_hidden:
-            out = out + (states,)
-        return out if len(out) > 1 else out[0]
+
+        def run():
+            states = self._hidden(model, input_ids, attention_mask, start)
+            h = states.hidden
+            weight, bias = self.params(model, h.dtype, h.device)
+            targets = labels[:, start + 1 :].to(h.device)
+            out = rlhf_kernels.fused_linear_logprobs(
+                h,
+                weight,
+                targets,
+                bias=bias,
+                temperature=self.temperature,
+                ignore_index=IGNORE_INDEX,
+                return_entropy=return_entropy,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+            )
+            out = out if isinstance(out, tuple) else (out,)
+            if return_correct:
+                out = out + (_count_correct(h, weight, bias, targets),)
+            if return_hidden:
+                out = out + (states,)
+            return out if len(out) > 1 else out[0]
+
+        return forward_call(model, run)
+
+    def ppo_loss(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        start: int,
+        normalizer=None,
+        **options,
+    ):
+        """:func:`rlhf_kernels.fused_linear_ppo_loss` on the hidden states of positions ``start .. T-2`` of
+        ``input_ids, attention_mask (B, T)``, which predict ``labels (B, R)`` (``R = T-1-start``; a PPO batch with
+        prompt length ``P``: ``start = P-1``, ``labels = input_ids[:, P:]``); ``old_logprobs, advantages, mask
+        (B, R)``; ``options``: its loss options (clip ranges, ``agg``, ``entropy_coef`` ...). One
+        ``forward_call`` of ``model``. Returns ``(loss, stats)``."""
+
+        def run():
+            states = self._hidden(model, input_ids, attention_mask, start)  # (B, R, H)
+            weight, bias = self.params(model, states.hidden.dtype, states.hidden.device)
+            return rlhf_kernels.fused_linear_ppo_loss(
+                states.hidden,
+                weight,
+                labels,
+                old_logprobs,
+                advantages,
+                mask,
+                bias=bias,
+                temperature=self.temperature,
+                normalizer=normalizer,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+                **options,
+            )
+
+        return forward_call(model, run)
+
+    def dpo_loss(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        ref_chosen: torch.Tensor | None,
+        ref_rejected: torch.Tensor | None,
+        *,
+        normalizer=None,
+        **options,
+    ):
+        """:func:`rlhf_kernels.fused_linear_dpo_loss` of a pair batch: ``input_ids, attention_mask, labels (2B, T)``
+        (chosen rows first; ``labels`` ``IGNORE_INDEX`` on prompt and padding, hidden state ``t`` predicts
+        ``labels[:, t+1]``); ``ref_chosen, ref_rejected (B,)`` or None; ``options``: ``beta, loss_type,
+        label_smoothing, gamma, average_log_prob``. One ``forward_call`` of ``model``. Returns ``(loss, stats)``."""
+
+        def run():
+            states = self._hidden(model, input_ids, attention_mask, 0)  # (2B, T-1, H)
+            weight, bias = self.params(model, states.hidden.dtype, states.hidden.device)
+            return rlhf_kernels.fused_linear_dpo_loss(
+                states.hidden,
+                weight,
+                labels[:, 1:],
+                ref_chosen,
+                ref_rejected,
+                bias=bias,
+                ignore_index=IGNORE_INDEX,
+                normalizer=normalizer,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+                **options,
+            )
+
+        return forward_call(model, run)
 
     def kl(self, states: HeadStates, ref_states: HeadStates, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Exact per-token KL(pi || pi_ref) over the vocabulary ``(...)`` fp32 from both models' hidden states
-        (:func:`rlhf_kernels.fused_linear_kl`); the reference gets no gradient."""
-        h = states.hidden
-        ref_h = ref_states.hidden.to(h.device)
-        weight, bias = self.params(states.model, h.dtype, h.device)
-        ref_weight, ref_bias = self.params(ref_states.model, ref_h.dtype, h.device)
-        return rlhf_kernels.fused_linear_kl(
-            h,
-            weight,
-            ref_h,
-            ref_weight.detach(),
-            bias=bias,
-            ref_bias=None if ref_bias is None else ref_bias.detach(),
-            temperature=self.temperature,
-            mask=None if mask is None else mask.to(h.device),
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
+        (:func:`rlhf_kernels.fused_linear_kl`); the reference gets no gradient.
 
-    def ppo_loss(self, states: HeadStates, labels, old_logprobs, advantages, mask, *, normalizer=None, **options):
-        """:func:`rlhf_kernels.fused_linear_ppo_loss` on ``states`` (``(B, R, H)`` predicting ``labels (B, R)``);
-        ``options``: its loss options (clip ranges, ``agg``, ``entropy_coef`` ...). Returns ``(loss, stats)``."""
-        weight, bias = self.params(states.model, states.hidden.dtype, states.hidden.device)
-        return rlhf_kernels.fused_linear_ppo_loss(
-            states.hidden,
-            weight,
-            labels,
-            old_logprobs,
-            advantages,
-            mask,
-            bias=bias,
-            temperature=self.temperature,
-            normalizer=normalizer,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-            **options,
-        )
+        Without gradients only (the rollout's exact KL, the evaluation): the states come from earlier calls
+        (:meth:`hidden`, ``logprobs(return_hidden=True)``), and this one reads both heads inside a forward call of
+        each model (one call when both are the same model, e.g. a LoRA policy and its adapter-free base)."""
 
-    def dpo_loss(self, states: HeadStates, labels, ref_chosen, ref_rejected, *, normalizer=None, **options):
-        """:func:`rlhf_kernels.fused_linear_dpo_loss` on ``states`` (``(2B, T, H)``, chosen rows first, predicting
-        ``labels (2B, T)``); ``options``: ``beta, loss_type, label_smoothing, gamma, average_log_prob``."""
-        weight, bias = self.params(states.model, states.hidden.dtype, states.hidden.device)
-        return rlhf_kernels.fused_linear_dpo_loss(
-            states.hidden,
-            weight,
-            labels,
-            ref_chosen,
-            ref_rejected,
-            bias=bias,
-            ignore_index=IGNORE_INDEX,
-            normalizer=normalizer,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-            **options,
-        )
+        def run():
+            h = states.hidden
+            ref_h = ref_states.hidden.to(h.device)
+            weight, bias = self.params(states.model, h.dtype, h.device)
+            ref_weight, ref_bias = self.params(ref_states.model, ref_h.dtype, h.device)
+            return rlhf_kernels.fused_linear_kl(
+                h,
+                weight,
+                ref_h,
+                ref_weight.detach(),
+                bias=bias,
+                ref_bias=None if ref_bias is None else ref_bias.detach(),
+                temperature=self.temperature,
+                mask=None if mask is None else mask.to(h.device),
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+            )
 
-    @torch.no_grad()
-    def token_accuracy(self, states: HeadStates, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """Number of ``targets`` (``IGNORE_INDEX`` skipped) that are the argmax of the head's logits at ``states``,
-        computed in row chunks (no full logits). Returns a 0-dim int64 tensor."""
-        hidden = states.hidden.detach()
-        keep = targets.reshape(-1) != IGNORE_INDEX
-        h, t = hidden.reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep]
-        weight, bias = self.params(states.model, h.dtype, h.device)
-        correct = torch.zeros((), dtype=torch.long, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            correct += (F.linear(h[i : i + chunk], weight, bias).argmax(-1) == t[i : i + chunk]).sum()
-        return correct
+        if ref_states.model is states.model:
+            return forward_call(states.model, run)
+        return forward_call(states.model, lambda: forward_call(ref_states.model, run))
+
+
+CORRECT_CHUNK_ROWS = 1024  # rows of logits the argmax count of LMHead.logprobs holds at a time
+
+
+@torch.no_grad()
+def _count_correct(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """Number of ``targets (...)`` (``IGNORE_INDEX`` skipped) that are the argmax of ``hidden (..., H)`` through
+    the head ``weight, bias``, in chunks of :data:`CORRECT_CHUNK_ROWS` rows (no full logits): 0-dim int64."""
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    h, t = hidden.detach().reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep]
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    for i in range(0, h.shape[0], CORRECT_CHUNK_ROWS):
+        rows = slice(i, i + CORRECT_CHUNK_ROWS)
+        correct += (F.linear(h[rows], weight, bias).argmax(-1) == t[rows]).sum()
+    return correct
 
 
 class RewardModel(nn.Module):
@@ -349,12 +430,12 @@ class RewardModel(nn.Module):
         positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
         last = (attention_mask.long() * positions).argmax(-1)  # (B,) last real token
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.score(picked.to(self.score.weight.dtype)).squeeze(-1).float()
+        return self.score(picked.to(self.score.weight.dtype)).squeeze(-1).to(torch.float32, copy=True)
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The head at every position: ``(B, T)`` fp32 (a critic's per-token values; padding gives garbage)."""
         hidden = last_hidden(self.backbone, input_ids, attention_mask)  # (B, T, H)
-        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).to(torch.float32, copy=True)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the backbone (LoRA merged in) with ``save_pretrained`` and the head beside it."""

@@ -394,9 +394,15 @@ def write_report(cfg: PipelineConfig, results: dict, out: Path) -> Path:
 def train(cfg: PipelineConfig, resume: bool = True) -> dict:
     """Run the configured stages; ``resume=False`` (``--restart``) deletes earlier stage outputs first. Ends by
     printing a short summary: the policies' results and where the report and the trained models are."""
+    from .distributed import launched_world
+    from .errors import UserError
     from .report import summary
     from .train import seed_everything
 
+    if launched_world() > 1:
+        raise UserError(
+            "the pipeline runs on one process; under torchrun run its stages (rlhf sft|rm|dpo|ppo) one by one"
+        )
     t0 = time.perf_counter()
     check_user_data(cfg)
     out = Path(cfg.output_dir)

@@ -4,12 +4,20 @@
 ``logging_steps``, ``save_steps``, ``eval_steps``) is:
 
 1. rollout: ``rollout_batch_size`` prompts (the data order of :func:`rlhf.train.epoch_order`) -> one sampled response
-   each -> no-grad log-probs of the policy ("old" log-probs) and of the reference, the per-token KL, the critic's
-   values (:func:`rlhf.ppo_core.rollout`);
+   each, generated in chunks of ``generation_batch_size`` prompts, each chunk sampled with its own seed (a function
+   of the run's seed, the iteration and the chunk's place in the global batch) -> no-grad log-probs of the policy
+   ("old" log-probs) and of the reference, the per-token KL, the critic's values
+   (:func:`rlhf.ppo_core.rollout`);
 2. score: the reward model at the last real token, minus ``missing_eos_penalty`` for responses without EOS;
 3. advantages: per-token rewards ``score - kl_coef * kl`` and GAE (:func:`rlhf.ppo_core.compute_advantages`);
 4. update: ``ppo_epochs`` x shuffled mini-batches, each one optimizer step of the policy and one of the critic
    (:func:`rlhf.ppo_core.ppo_update`), then the learning-rate schedules and the KL controller advance.
+
+On many processes (torchrun) each process generates and scores its contiguous share of the prompts; the rollout
+batch is then gathered on every process (:func:`rlhf.ppo_core.gather_rollout`), so advantages are whitened over
+the global batch and each mini-batch is the one a single process would use, every process running its share of
+it. With the same ``generation_batch_size`` the samples, and so the run, do not depend on the number of
+processes.
 
 Models: the policy (LoRA-wrapped when ``lora_r > 0``); the reference (``ref_model``, else a frozen copy of the
 initial policy, else with LoRA the adapter-disabled policy); the frozen reward model; the critic, a trainable
@@ -18,10 +26,9 @@ initial policy, else with LoRA the adapter-disabled policy); the frozen reward m
 
 The loop, data order, checkpoints and exact resume are the training core's (:func:`rlhf.train.run`); this module
 supplies the models, the KL controller (saved in checkpoints) and the step function of one iteration. A checkpoint
-holds the policy and the critic (one ``nn.ModuleDict``), both optimizers and schedules, the KL coefficient and the
-RNG states (sampling draws from the global torch RNG); the prompts of iteration ``s`` and the mini-batch shuffles
-are functions of ``(seed, s)``. A resumed run ends bitwise equal to an uninterrupted
-one on CPU with the same thread count.
+holds the policy and the critic, both optimizers and schedules, the KL coefficient and the RNG states; the prompts
+of iteration ``s``, its samples and the mini-batch shuffles are functions of ``(seed, s)``. A resumed run ends
+bitwise equal to an uninterrupted one on CPU with the same thread count.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import distributed
 from .collators import PromptCollator
 from .config import PPOConfig
 from .errors import UserError
@@ -50,13 +58,23 @@ from .ppo_core import (
     FixedKLController,
     compute_advantages,
     disable_dropout,
+    gather_rollout,
     ppo_update,
     rollout,
     rollout_stats,
     score,
 )
 from .sft import build_policy, save_policy
-from .train import Stage, StepContext, autocast_context, eval_batches, load_splits, run, start_stage, to_device
+from .train import (
+    Stage,
+    StepContext,
+    autocast_context,
+    build_device,
+    load_splits,
+    run,
+    shard_eval_batches,
+    start_stage,
+)
 
 NO_LIMIT = 2**31  # prompts are length-checked by max_prompt_length here, not by prepare's max_length
 
@@ -125,39 +143,52 @@ def kl_controller(cfg: PPOConfig) -> FixedKLController:
 
 @torch.no_grad()
 def evaluate(policy, reward_model, tokenizer, rows, cfg: PPOConfig, autocast=contextlib.nullcontext) -> dict:
-    """Greedy responses to the held-out prompts: mean score (with the EOS penalty), response length, EOS rate.
+    """Greedy responses to the held-out prompts: mean score (with the EOS penalty), response length, EOS rate
+    (each process answers its share of the prompts).
 
     Greedy decoding draws no random numbers, and the RNG is forked anyway: evaluation never changes training.
     """
     device = next(policy.parameters()).device
     collate = PromptCollator(tokenizer.pad_token_id)
-    scores, lengths, ended = [], [], []
+    sums = torch.zeros(3, dtype=torch.float64)  # scores, response lengths, EOS count
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for prompts in eval_batches(rows, collate, cfg.eval_batch_size, device):
+        for prompts, real in shard_eval_batches(rows, collate, cfg.eval_batch_size, device):
             batch = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, do_sample=False)
             with autocast():
-                scores.append(score(reward_model, batch, missing_eos_penalty=cfg.missing_eos_penalty))
-            lengths.append(batch["response_mask"].sum(-1).float())
-            ended.append(batch["ended"].float())
-    return {
-        "scores": torch.cat(scores).mean().item(),
-        "response_length": torch.cat(lengths).mean().item(),
-        "eos_rate": torch.cat(ended).mean().item(),
-    }
+                scores = score(reward_model, batch, missing_eos_penalty=cfg.missing_eos_penalty)
+            if real:
+                sums += torch.stack([scores.sum(), batch["response_mask"].sum(), batch["ended"].sum()]).double().cpu()
+    total = distributed.all_reduce(sums) / len(rows)
+    return {"scores": total[0].item(), "response_length": total[1].item(), "eos_rate": total[2].item()}
 
 
-def iteration(step, prompts, models: dict, kl_ctl, tokenizer, cfg: PPOConfig, ctx: StepContext, head: LMHead) -> dict:
-    """One PPO iteration on ``prompts``: rollout, score, advantages, update. Returns its metrics.
+def iteration(
+    step, rows, models: dict, kl_ctl, tokenizer, cfg: PPOConfig, ctx: StepContext, head: LMHead, collate
+) -> dict:
+    """One PPO iteration on this process's prompt ``rows``: rollout and scoring (each process its share), then on
+    the gathered global batch advantages and the update (each process its share of every mini-batch). Returns its
+    metrics, the same on every process.
 
     ``models``: ``policy, ref, reward, critic``; the trained two (``ctx.models``) are updated with
     ``ctx.optimizers``.
     """
     policy, critic = models["policy"], models["critic"]
-    batch = rollout(policy, models["ref"], critic, tokenizer, prompts, cfg, head, ctx.autocast)
-    with ctx.autocast():
-        batch["scores"] = score(
-            models["reward"], batch, missing_eos_penalty=cfg.missing_eos_penalty, batch_size=cfg.batch_size
-        )
+    first = distributed.context().rank * len(rows)  # this process's first prompt in the global batch
+    local = rollout(
+        policy,
+        models["ref"],
+        critic,
+        models["reward"],
+        tokenizer,
+        rows,
+        collate,
+        cfg,
+        head,
+        step=step,
+        first=first,
+        autocast=ctx.autocast,
+    )
+    batch = gather_rollout(local, tokenizer.pad_token_id)
     kl_coef = kl_ctl.value
     batch["rewards"], batch["advantages"], batch["returns"] = compute_advantages(
         batch["scores"],
@@ -187,29 +218,48 @@ def iteration(step, prompts, models: dict, kl_ctl, tokenizer, cfg: PPOConfig, ct
     return stats
 
 
+def check_processes(cfg: PPOConfig, world: int) -> None:
+    """The global rollout and mini-batches must split evenly over the processes."""
+    for name in ("rollout_batch_size", "mini_batch_size"):
+        if getattr(cfg, name) % world:
+            raise UserError(f"{name}={getattr(cfg, name)} does not split evenly over {world} processes")
+    if cfg.rollout_batch_size % cfg.mini_batch_size % world:
+        raise UserError(
+            f"the last mini-batch of rollout_batch_size={cfg.rollout_batch_size} in mini_batch_size="
+            f"{cfg.mini_batch_size} does not split evenly over {world} processes"
+        )
+
+
 def train(cfg: PPOConfig, resume: bool = False) -> dict:
     """Run PPO as configured; returns the last logged train metrics and the final evaluation (``eval/...``)."""
     device = start_stage(cfg)
+    check_processes(cfg, distributed.context().world)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
-    policy, ref, reward_model, critic = build_models(cfg, tokenizer, device)
+    policy, ref, reward_model, critic = build_models(cfg, tokenizer, build_device(device))
+    policy, critic = distributed.shard(policy), distributed.shard(critic)
+    reward_model = distributed.place_frozen(reward_model)
+    ref = None if ref is None else distributed.place_frozen(ref)
     models = {"policy": policy, "ref": ref, "reward": reward_model, "critic": critic}
     collate = PromptCollator(tokenizer.pad_token_id)
     head = LMHead.from_config(cfg, temperature=cfg.temperature)
     kl_ctl = kl_controller(cfg)
 
     def step(ctx: StepContext) -> dict:
-        prompts = to_device(collate(ctx.rows), ctx.device)
-        stats = iteration(ctx.step, prompts, models, kl_ctl, tokenizer, cfg, ctx, head)
-        stats["num_episodes"] = len(ctx.rows)
+        stats = iteration(ctx.step, ctx.rows, models, kl_ctl, tokenizer, cfg, ctx, head, collate)
+        stats["num_episodes"] = cfg.rollout_batch_size
         return stats
 
     def evaluate_fn() -> dict:
         return evaluate(policy, reward_model, tokenizer, eval_rows, cfg, autocast_context(cfg, device))
 
-    def save_final(path) -> None:
-        save_policy(policy, tokenizer, path)
-        critic.save_pretrained(path / "value_model")
+    def save_final(path, trained) -> None:
+        save_policy(trained["policy"], tokenizer, path)
+        trained["critic"].save_pretrained(path / "value_model")
+
+    def plain_models() -> dict:
+        plain_policy, _, _, plain_critic = build_models(cfg, tokenizer, torch.device("cpu"))
+        return {"policy": plain_policy, "critic": plain_critic}
 
     stage = Stage(
         models={"policy": policy, "critic": critic},
@@ -219,6 +269,7 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
         save_final=save_final,
         evaluate=evaluate_fn if eval_rows else None,
         state={"kl_controller": kl_ctl},
+        plain_models=plain_models,
         show=("objective/scores", "objective/kl"),
         rows_name="rollout_batch_size",
     )

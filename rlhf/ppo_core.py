@@ -24,9 +24,10 @@ from torch import nn
 
 import rlhf_kernels
 
+from . import distributed
 from .generation import generate, response_logprobs
 from .models import HeadStates, LMHead
-from .train import accumulate_and_step
+from .train import accumulate_and_step, to_device
 
 KL_ERROR_CLIP = 0.2  # the adaptive controller's error clip
 
@@ -120,32 +121,110 @@ def rollout_tensors(policy, ref, critic, batch: dict, cfg, head: LMHead) -> dict
     }
 
 
-@torch.no_grad()
-def rollout(policy, ref, critic, tokenizer, prompts: dict, cfg, head: LMHead, autocast=contextlib.nullcontext) -> dict:
-    """Sample one response per prompt, then score its tokens without gradients (in chunks of ``cfg.batch_size``).
+def chunk_seed(seed: int, step: int, first: int) -> int:
+    """The sampling seed of the generation chunk whose first prompt is number ``first`` of iteration ``step``'s
+    global rollout batch: a function of the run's seed and the chunk's place only, so the same prompts get the
+    same samples on any number of processes and after a resume."""
+    return (seed * 1_000_003 + step) * 1_000_033 + first
 
-    ``prompts``: left-padded ``input_ids, attention_mask (B, P)``. ``ref=None`` uses the adapter-disabled policy.
-    Sampling follows ``cfg`` (``max_new_tokens, temperature, top_p, top_k``) and draws from the global torch RNG;
-    ``head`` (:class:`rlhf.models.LMHead`) takes the log-probs at the sampling temperature.
-    Returns the rollout batch with ``logprobs, entropy, ref_logprobs, kl, values`` (module docstring).
-    """
-    batch = generate(
-        policy,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        do_sample=True,
+
+def pad_rollout(batch: dict, prompt_length: int, response_length: int, pad_token_id: int) -> dict:
+    """A rollout batch padded to ``prompt_length`` (prompts, on the left) and ``response_length`` (responses, on
+    the right): pad tokens with attention 0 and 0 / False in the ``(B, R)`` tensors. Values are unchanged."""
+    P, n = batch["prompt_length"], batch["input_ids"].shape[0]
+    R = batch["input_ids"].shape[1] - P
+    left, right = prompt_length - P, response_length - R
+    if left == 0 and right == 0:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask"):
+            fill = pad_token_id if key == "input_ids" else 0
+            out[key] = torch.cat([value.new_full((n, left), fill), value, value.new_full((n, right), fill)], dim=1)
+        elif torch.is_tensor(value) and value.dim() == 2:  # (B, R) response tensors
+            out[key] = torch.cat([value, value.new_zeros((n, right))], dim=1)
+        else:
+            out[key] = value
+    out["prompt_length"] = prompt_length
+    return out
+
+
+def concat_rollouts(parts: list[dict], pad_token_id: int) -> dict:
+    """Rollout batches of different prompt and response lengths as one batch (padded to the longest)."""
+    P = max(p["prompt_length"] for p in parts)
+    R = max(p["input_ids"].shape[1] - p["prompt_length"] for p in parts)
+    parts = [pad_rollout(p, P, R, pad_token_id) for p in parts]
+    return {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(parts[0][k]) else parts[0][k] for k in parts[0]}
+
+
+def gather_rollout(batch: dict, pad_token_id: int) -> dict:
+    """Every process's rollout batch, padded to the longest prompt and response of all, concatenated in rank
+    order (one process: ``batch`` itself). Every process gets the whole global batch: advantages are whitened
+    over it and the update's mini-batches mix the rows of all processes as on one process."""
+    if distributed.context().world == 1:
+        return batch
+    P, R = (
+        int(v)
+        for v in distributed.all_reduce(
+            [batch["prompt_length"], batch["input_ids"].shape[1] - batch["prompt_length"]], "max"
+        ).tolist()
     )
-    parts = []
-    for start in range(0, batch["input_ids"].shape[0], cfg.batch_size):
-        with autocast():
-            chunk = take(batch, slice(start, start + cfg.batch_size))
-            parts.append(rollout_tensors(policy, ref, critic, chunk, cfg, head))
-    batch.update({key: torch.cat([p[key] for p in parts]) for key in parts[0]})
-    return batch
+    batch = pad_rollout(batch, P, R, pad_token_id)
+    return {k: distributed.all_gather_rows(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def rollout(
+    policy,
+    ref,
+    critic,
+    reward_model,
+    tokenizer,
+    rows: list[dict],
+    collate,
+    cfg,
+    head: LMHead,
+    *,
+    step: int,
+    first: int = 0,
+    autocast=contextlib.nullcontext,
+) -> dict:
+    """Sample one response per prompt of ``rows`` (this process's share of the iteration's prompts, which start
+    at number ``first`` of the global batch) and score it without gradients.
+
+    Prompts go to ``generate`` in chunks of ``cfg.generation_batch_size`` (``batch_size`` when 0), each sampled
+    with its own seed (:func:`chunk_seed`, the global RNG is left alone); the tokens of each chunk are then scored
+    in pieces of ``cfg.batch_size``: log-probs (through ``head``, at the sampling temperature), the reference's,
+    the per-token KL, the critic's values, and the reward model's ``scores`` (minus ``missing_eos_penalty``
+    without EOS). ``ref=None`` uses the adapter-disabled policy. Returns this process's rollout batch (module
+    docstring), padded to its longest prompt and response.
+    """
+    size = cfg.generation_batch_size or cfg.batch_size
+    device = next(policy.parameters()).device
+    chunks = []
+    for start in range(0, len(rows), size):
+        prompts = to_device(collate(rows[start : start + size]), device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(chunk_seed(cfg.seed, step, first + start))
+            batch = generate(
+                policy,
+                tokenizer,
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                do_sample=True,
+            )
+        parts = []
+        for begin in range(0, batch["input_ids"].shape[0], cfg.batch_size):
+            with autocast():
+                piece = take(batch, slice(begin, begin + cfg.batch_size))
+                parts.append(rollout_tensors(policy, ref, critic, piece, cfg, head))
+                parts[-1]["scores"] = score(reward_model, piece, missing_eos_penalty=cfg.missing_eos_penalty)
+        batch.update({key: torch.cat([p[key] for p in parts]) for key in parts[0]})
+        chunks.append(batch)
+    return concat_rollouts(chunks, tokenizer.pad_token_id)
 
 
 @torch.no_grad()
@@ -246,13 +325,15 @@ def ppo_losses(policy, critic, batch: dict, cfg, head: LMHead, normalizer) -> tu
     mini-batch's. ``batch`` holds the rollout tensors and ``advantages, returns``; ``stats`` are detached, the
     micro-batch's means scaled by its share of the mini-batch (``*/max`` keys: maxima)."""
     P, mask = batch["prompt_length"], batch["response_mask"]
-    states = head.hidden(policy, batch["input_ids"], batch["attention_mask"], start=P - 1)  # (b, R, H)
     policy_loss, stats = head.ppo_loss(
-        states,
-        batch["input_ids"][:, P:],
+        policy,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["input_ids"][:, P:],  # (b, R) predicted by the hidden states of positions P-1 .. T-2
         batch["logprobs"],
         batch["advantages"],
         mask,
+        start=P - 1,
         normalizer=normalizer,
         entropy_coef=cfg.entropy_coef,
         clip_low=cfg.clip_range,
@@ -287,10 +368,13 @@ def mini_batch_step(
 ) -> dict:
     """One optimizer update of the policy and the critic (``models["policy"]``, ``models["critic"]``) on a
     mini-batch, accumulated over micro-batches of ``cfg.batch_size`` (:func:`rlhf.train.accumulate_and_step`).
-    Returns its stats (means over the mini-batch; ``policy/log_ratio/max`` a max)."""
-    n = mini["input_ids"].shape[0]
-    micros = [take(mini, slice(start, start + cfg.batch_size)) for start in range(0, n, cfg.batch_size)]
+    On many processes ``mini`` is the global mini-batch: each process runs its contiguous share, and the
+    normaliser is the whole mini-batch's. Returns its stats (means over the mini-batch; ``policy/log_ratio/max`` a
+    max)."""
     normalizer = rlhf_kernels.aggregation_denominator(mini["response_mask"], cfg.agg).clamp_min(1.0)
+    mine = take(mini, distributed.rank_slice(mini["input_ids"].shape[0]))
+    n = mine["input_ids"].shape[0]
+    micros = [take(mine, slice(start, start + cfg.batch_size)) for start in range(0, n, cfg.batch_size)]
     return accumulate_and_step(
         models,
         optimizers,

@@ -11,17 +11,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .collators import PreferenceCollator
 from .config import RewardConfig
 from .models import RewardModel, apply_lora, load_reward_model, load_tokenizer
 from .train import (
     Stage,
     autocast_context,
-    eval_batches,
+    build_device,
+    eval_totals,
     load_splits,
-    reduce_stats,
     run,
+    shard_eval_batches,
     start_stage,
+    supervised_batch,
     supervised_step,
 )
 
@@ -61,13 +64,14 @@ def reward_loss(
 
 
 def evaluate(model: RewardModel, rows, collate, cfg: RewardConfig, autocast) -> dict:
-    """Held-out loss, accuracy, margin and reward statistics, averaged over all pairs."""
+    """Held-out loss, accuracy, margin and reward statistics, averaged over all pairs (each process scores its
+    share)."""
     parts = []
-    for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
+    for batch, real in shard_eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
         with autocast():
             _, stats = reward_loss(model, batch, 1, center_coef=cfg.center_coef)  # sums over the batch's pairs
-        parts.append(stats)
-    totals = reduce_stats(parts)
+        parts.append(stats if real else distributed.neutral_stats(stats))
+    totals = eval_totals(parts)
     keep = ("reward/min", "reward/max", "num_pairs")
     return {k: v if k in keep else v / len(rows) for k, v in totals.items()}
 
@@ -100,7 +104,7 @@ def train(cfg: RewardConfig, resume: bool = False) -> dict:
     device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
-    model = build_reward_model(cfg, tokenizer, device)
+    model = distributed.shard(build_reward_model(cfg, tokenizer, build_device(device)))
     collate = PreferenceCollator(tokenizer.pad_token_id)
 
     def loss_fn(model, batch, normalizer, detailed):
@@ -109,17 +113,20 @@ def train(cfg: RewardConfig, resume: bool = False) -> dict:
     def evaluate_fn():
         return evaluate(model, eval_rows, collate, cfg, autocast_context(cfg, device))
 
-    def save_final(path):
-        model.save_pretrained(path)
+    def save_final(path, models):
+        models["model"].save_pretrained(path)
         tokenizer.save_pretrained(path)
 
+    rows_per_step, rows_name = supervised_batch(cfg)
     stage = Stage(
         models={"model": model},
         rows=train_rows,
-        rows_per_step=cfg.batch_size * cfg.grad_accum,
+        rows_per_step=rows_per_step,
         step=supervised_step("model", collate, loss_fn, count_pairs, cfg),
         save_final=save_final,
         evaluate=evaluate_fn if eval_rows else None,
         show=("loss", "accuracy"),
+        plain_models=lambda: {"model": build_reward_model(cfg, tokenizer, "cpu")},
+        rows_name=rows_name,
     )
     return run(cfg, stage, resume=resume)

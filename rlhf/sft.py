@@ -7,10 +7,22 @@ gives the same update as one large batch.
 
 from __future__ import annotations
 
+from . import distributed
 from .collators import SFTCollator
 from .config import SFTConfig
 from .models import IGNORE_INDEX, LMHead, apply_lora, load_causal_lm, load_tokenizer
-from .train import Stage, autocast_context, eval_batches, load_splits, run, start_stage, supervised_step
+from .train import (
+    Stage,
+    autocast_context,
+    build_device,
+    eval_totals,
+    load_splits,
+    run,
+    shard_eval_batches,
+    start_stage,
+    supervised_batch,
+    supervised_step,
+)
 
 
 def count_tokens(batch: dict) -> int:
@@ -21,12 +33,17 @@ def count_tokens(batch: dict) -> int:
 def sft_loss(model, batch: dict, normalizer: float, detailed: bool, *, head: LMHead):
     """``(loss, stats)``: summed NLL of the response tokens divided by ``normalizer`` (the step's token count).
 
-    ``batch``: ``input_ids, attention_mask, labels (B, T)``. ``detailed`` adds ``mean_token_accuracy`` (one extra
-    no-grad pass over the LM head on the response tokens).
+    ``batch``: ``input_ids, attention_mask, labels (B, T)``. ``detailed`` adds ``mean_token_accuracy`` (an extra
+    no-grad argmax over the LM head on the response tokens, in the same forward call).
     """
-    logprobs, entropy, states = head.logprobs(
-        model, batch["input_ids"], batch["attention_mask"], batch["labels"], return_entropy=True, return_hidden=True
-    )  # (B, T-1) each
+    logprobs, entropy, *correct = head.logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        return_entropy=True,
+        return_correct=detailed,
+    )  # (B, T-1) each, then the argmax count when detailed
     targets = batch["labels"][:, 1:]
     loss = -logprobs.sum() / normalizer
     stats = {
@@ -35,18 +52,18 @@ def sft_loss(model, batch: dict, normalizer: float, detailed: bool, *, head: LMH
         "num_tokens": (targets != IGNORE_INDEX).sum(),
     }
     if detailed:
-        stats["mean_token_accuracy"] = head.token_accuracy(states, targets) / normalizer
+        stats["mean_token_accuracy"] = correct[0] / normalizer
     return loss, stats
 
 
 def evaluate(model, rows, collate, cfg, autocast, head: LMHead) -> dict:
-    """Token-weighted loss, accuracy and entropy over the held-out rows."""
-    totals = {"loss": 0.0, "entropy": 0.0, "mean_token_accuracy": 0.0, "num_tokens": 0}
-    for batch in eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
+    """Token-weighted loss, accuracy and entropy over the held-out rows (each process evaluates its share)."""
+    parts = []
+    for batch, real in shard_eval_batches(rows, collate, cfg.eval_batch_size, next(model.parameters()).device):
         with autocast():  # normalizer 1: sums over the batch's tokens, divided once at the end
             _, stats = sft_loss(model, batch, 1, True, head=head)
-        for key in totals:
-            totals[key] += stats[key].item()
+        parts.append(stats if real else distributed.neutral_stats(stats))
+    totals = eval_totals(parts)
     tokens = max(totals["num_tokens"], 1)
     return {k: v if k == "num_tokens" else v / tokens for k, v in totals.items()}
 
@@ -84,7 +101,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> dict:
     device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "sft")
-    model = build_policy(cfg, tokenizer, device)
+    model = distributed.shard(build_policy(cfg, tokenizer, build_device(device)))
     collate = SFTCollator(tokenizer.pad_token_id)
     head = LMHead.from_config(cfg)
 
@@ -94,12 +111,15 @@ def train(cfg: SFTConfig, resume: bool = False) -> dict:
     def evaluate_fn():
         return evaluate(model, eval_rows, collate, cfg, autocast_context(cfg, device), head)
 
+    rows_per_step, rows_name = supervised_batch(cfg)
     stage = Stage(
         models={"model": model},
         rows=train_rows,
-        rows_per_step=cfg.batch_size * cfg.grad_accum,
+        rows_per_step=rows_per_step,
         step=supervised_step("model", collate, loss_fn, count_tokens, cfg),
-        save_final=lambda path: save_policy(model, tokenizer, path),
+        save_final=lambda path, trained: save_policy(trained["model"], tokenizer, path),
         evaluate=evaluate_fn if eval_rows else None,
+        plain_models=lambda: {"model": build_policy(cfg, tokenizer, "cpu")},
+        rows_name=rows_name,
     )
     return run(cfg, stage, resume=resume)

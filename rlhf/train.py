@@ -15,6 +15,13 @@ Exact resume: the data order of epoch ``e`` is a permutation seeded by ``(seed, 
 rows ``[s * rows_per_step, (s + 1) * rows_per_step)`` of it, so the data position is a function of the step. A
 checkpoint holds the trained weights, optimizers, schedules, the stage's other state, RNG states and that
 position; a resumed run replays the same arithmetic bit for bit (on CPU, with the same thread count).
+
+Many processes (torchrun, :mod:`rlhf.distributed`): ``rows_per_step`` is the global batch. Process ``r`` of ``W``
+reads the ``r``-th contiguous ``1/W`` of the step's rows, so a step's examples, and which micro-batch each one is
+in, do not depend on ``W``: one process with ``grad_accum=2`` and two with ``grad_accum=1`` compute the same
+update. Normalisers are global (summed over the processes), stats are reduced over the processes in
+:func:`accumulate_and_step`, and a step function returns the stats of the whole step. Rank 0 logs, shows progress
+and writes the final model; checkpoints are written by every process (sharded) and resume on any process count.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import (
+    is_single_model,
+    latest_checkpoint,
+    load_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from .config import save_config
 from .data import check_source
 from .errors import UserError, check_local_path
@@ -65,18 +79,43 @@ def check_paths(cfg) -> None:
 
 def start_stage(cfg) -> torch.device:
     """What every stage does first: validate the config, check that the local paths it names exist (before any
-    model is loaded or anything is written), seed, quiet the libraries' progress bars when ``progress`` is off;
-    returns the device to train on."""
-    from .models import resolve_device
-
+    model is loaded or anything is written), join the torchrun process group when there is one
+    (:func:`rlhf.distributed.setup`), seed, quiet the libraries' progress bars when ``progress`` is off (and on
+    every process but rank 0); returns the device to train on."""
     cfg.validate()
     check_paths(cfg)
+    ctx = distributed.setup(cfg)
     seed_everything(cfg.seed, cfg.num_threads)
-    if not cfg.progress:
+    if not cfg.progress or not ctx.main:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    return resolve_device(cfg.device)
+    return ctx.device
+
+
+def supervised_batch(cfg) -> tuple[int, str]:
+    """``(rows per optimizer step, its formula)`` of a supervised stage: ``batch_size * grad_accum`` rows per
+    process, times the number of processes."""
+    world = distributed.context().world
+    name = "batch_size * grad_accum" + (f" * {world} processes" if world > 1 else "")
+    return cfg.batch_size * cfg.grad_accum * world, name
+
+
+def eval_totals(parts: Sequence[dict]) -> dict:
+    """The evaluation stats of every process's batches: :func:`reduce_stats` here, then over the processes."""
+    return distributed.reduce_stats(reduce_stats(parts))
+
+
+def build_device(device: torch.device) -> torch.device:
+    """Where a stage loads its models: CPU when they will be sharded (:func:`rlhf.distributed.shard` moves each
+    process's shards to ``device``), else ``device``."""
+    return torch.device("cpu") if distributed.context().sharded else device
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only."""
+    if distributed.context().main:
+        print(message)
 
 
 def autocast_context(cfg, device: torch.device):
@@ -171,7 +210,7 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: the norm of all shards
 
 
 def accumulate_and_step(
@@ -193,14 +232,19 @@ def accumulate_and_step(
     (module docstring). Each model's gradient norm before clipping is reported under ``norm_keys[name]``
     (default ``grad_norm``, then ``<name>/grad_norm``). This is the only place where the training layer steps an
     optimizer.
+
+    On many processes each runs its own micro-batches, ``normalizer`` is the global count, the losses are
+    multiplied by :func:`rlhf.distributed.grad_scale` before backward (FSDP2 averages gradients) and the returned
+    stats are reduced over the processes (:func:`rlhf.distributed.reduce_stats`).
     """
+    scale = distributed.grad_scale(list(models.values()))
     parts = []
     for batch in micro_batches:
         with autocast():
             loss, stats = loss_fn(batch, normalizer)
-        loss.backward()
+        (loss * scale if scale != 1 else loss).backward()
         parts.append(stats)
-    stats = reduce_stats(parts)
+    stats = distributed.reduce_stats(reduce_stats(parts))
     for i, (name, model) in enumerate(models.items()):
         key = (norm_keys or {}).get(name, "grad_norm" if i == 0 else f"{name}/grad_norm")
         stats[key] = clip_and_step(model, optimizers[name], max_grad_norm)
@@ -222,6 +266,14 @@ def eval_batches(rows: Sequence[dict], collate, batch_size: int, device):
         yield to_device(collate(list(rows[i : i + batch_size])), device)
 
 
+def shard_eval_batches(rows: Sequence[dict], collate, batch_size: int, device):
+    """This process's share of ``rows`` as collated batches ``(batch, real)`` on ``device``: every process
+    yields as many (:func:`rlhf.distributed.shard_for_eval`); the stats of ``real=False`` batches are dropped,
+    and the callers sum the rest over the processes (:func:`rlhf.distributed.reduce_stats`)."""
+    for part, real in distributed.shard_for_eval(rows, batch_size):
+        yield to_device(collate(list(part)), device), real
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
@@ -230,7 +282,7 @@ class StepContext:
     """What the loop hands a stage's step function."""
 
     step: int  # 0-based index of this step
-    rows: list[dict]  # the rows this step reads, in order (the data order is the loop's)
+    rows: list[dict]  # the rows this process reads in this step, in order (the data order is the loop's)
     models: dict[str, torch.nn.Module]  # the stage's trained models
     optimizers: dict[str, torch.optim.Optimizer]  # one per trained model, same keys
     autocast: Callable  # autocast context factory of the run
@@ -250,10 +302,14 @@ class Stage:
 
     models: dict[str, torch.nn.Module]  # trained, checkpointed; the first one's learning rate is logged
     rows: Sequence[dict]  # training rows (prompts for RL)
-    rows_per_step: int  # rows one step reads
-    step: Callable[[StepContext], dict]
-    save_final: Callable[[Path], None]  # writes the final model(s) into the given directory
-    evaluate: Callable[[], dict] | None = None  # held-out metrics, run in eval mode without gradients
+    rows_per_step: int  # rows one step reads, over all processes (each reads its contiguous 1/W)
+    step: Callable[[StepContext], dict]  # returns the stats of the whole step (over all processes)
+    save_final: Callable[[Path, dict], None]  # (directory, unsharded models by name): writes the final model(s);
+    # run on rank 0 only
+    evaluate: Callable[[], dict] | None = None  # held-out metrics, run in eval mode without gradients, on every
+    # process (each evaluates its share and reduces)
+    plain_models: Callable[[], dict] | None = None  # builds unsharded CPU copies of ``models`` (same names and
+    # parameter names): on many processes rank 0 loads the gathered weights into them for ``save_final``
     state: dict[str, Any] = field(default_factory=dict)  # more objects with state_dict()/load_state_dict() (a KL
     # controller...) saved in checkpoints
     show: tuple[str, ...] = ("loss",)  # stats on the progress bar and in the end-of-stage summary
@@ -276,7 +332,7 @@ def supervised_step(
     def step(ctx: StepContext) -> dict:
         model = ctx.models[model_name]
         batches = micro_batches(ctx.rows, cfg.batch_size, collate, ctx.device)
-        normalizer = max(sum(count_fn(b) for b in batches), 1)
+        normalizer = max(int(distributed.all_reduce([sum(count_fn(b) for b in batches)]).item()), 1)
         return accumulate_and_step(
             ctx.models,
             ctx.optimizers,
@@ -308,12 +364,69 @@ def upgrade_state(state: dict, names: list[str]) -> dict:
     return state
 
 
+class _NoLogger:
+    """The metrics logger of processes other than rank 0."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def resume_from(ckpt: Path, stage: Stage, optimizers: dict, schedulers: dict, cfg) -> tuple[int, dict]:
+    """Load checkpoint ``ckpt`` into the stage's models, the optimizers, schedules and stage state; returns
+    ``(step, totals)``. Checkpoints of the single-model format resume on one process only."""
+    models = stage.models
+    if is_single_model(ckpt):
+        if distributed.context().world > 1:
+            raise UserError(f"{ckpt} was written before runs could span processes: resume it on one process")
+        state = upgrade_state(load_checkpoint(ckpt, _checkpointed(models)), list(models))  # restores RNG states
+        for name in models:
+            optimizers[name].load_state_dict(state["optimizers"][name])
+    else:
+        state = load_training_checkpoint(ckpt, models, optimizers)
+        if not state["rng_restored"]:  # another process count: random streams restart from (seed, step)
+            seed_everything(cfg.seed + state["step"], cfg.num_threads)
+            log(
+                f"{ckpt.parent.parent.name}: {ckpt} was written on {state.get('world_size')} process(es), this run "
+                f"has {distributed.context().world}: data order, weights and optimizer states resume exactly; the "
+                "random streams (dropout) restart from the seed and step"
+            )
+    for name in models:
+        schedulers[name].load_state_dict(state["schedulers"][name])
+    for name, obj in stage.state.items():
+        obj.load_state_dict(state[name])
+    return state["step"], dict(state["totals"])
+
+
+def export_final(stage: Stage, path: Path) -> None:
+    """``stage.save_final`` on rank 0 with unsharded models: the trained ones themselves on one process, else
+    copies from ``stage.plain_models()`` holding the gathered weights (every process takes part in the gather)."""
+    models = stage.models
+    if not any(distributed.is_sharded(m) for m in models.values()):
+        if distributed.context().main:
+            stage.save_final(path, models)
+        distributed.barrier()
+        return
+    if stage.plain_models is None:
+        raise ValueError("a stage with sharded models needs plain_models to write its final model")
+    states = {name: distributed.full_state_dict(model) for name, model in models.items()}
+    if distributed.context().main:
+        plain = stage.plain_models()
+        for name, model in plain.items():
+            model.load_state_dict(states[name])
+        stage.save_final(path, plain)
+    distributed.barrier()
+
+
 def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
     """Train ``stage`` for the configured steps: data order, steps, schedules, logging, evaluation, checkpoints,
     exact resume, progress, final export and plots. Returns the last logged train metrics (``train/...``) and
-    the final evaluation (``eval/...``)."""
+    the final evaluation (``eval/...``), the same on every process."""
     from tqdm.auto import tqdm
 
+    dist_ctx = distributed.context()
     out_dir = Path(cfg.output_dir)
     steps = total_steps(len(stage.rows), stage.rows_per_step, cfg, stage.rows_name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,21 +435,16 @@ def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
     autocast = autocast_context(cfg, device)
     optimizers = {name: build_optimizer(model, cfg) for name, model in models.items()}
     schedulers = {name: build_scheduler(opt, cfg, steps) for name, opt in optimizers.items()}
-    trained = _checkpointed(models)
 
     start, totals = 0, {}
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        state = upgrade_state(load_checkpoint(ckpt, trained), list(models))  # restores the RNG states too
-        for name in models:
-            optimizers[name].load_state_dict(state["optimizers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
-        for name, obj in stage.state.items():
-            obj.load_state_dict(state[name])
-        start, totals = state["step"], dict(state["totals"])
-        print(f"{out_dir.name}: resumed from {ckpt} (step {start} of {steps})")
-    save_config(cfg, out_dir / "config.yaml")
-    logger = MetricsLogger(out_dir, resume_step=start, tensorboard=cfg.tensorboard)
+    found = latest_checkpoint(out_dir) if resume else None
+    found = distributed.broadcast_object(None if found is None else str(found))  # rank 0 decides
+    if found is not None:
+        start, totals = resume_from(Path(found), stage, optimizers, schedulers, cfg)
+        log(f"{out_dir.name}: resumed from {found} (step {start} of {steps})")
+    if dist_ctx.main:
+        save_config(cfg, out_dir / "config.yaml")
+    logger = MetricsLogger(out_dir, resume_step=start, tensorboard=cfg.tensorboard) if dist_ctx.main else _NoLogger()
 
     def evaluate() -> dict:
         return run_eval(list(models.values()), stage.evaluate)
@@ -345,11 +453,13 @@ def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
         model.train()
     window, last_logged, t0, t_start = [], {}, time.perf_counter(), time.perf_counter()
     first = next(iter(schedulers.values()))
-    bar = tqdm(total=steps, initial=start, disable=not cfg.progress, desc=out_dir.name, leave=True)
+    show_bar = cfg.progress and dist_ctx.main
+    bar = tqdm(total=steps, initial=start, disable=not show_bar, desc=out_dir.name, leave=True)
     for step in range(start, steps):
         indices, _ = step_rows(len(stage.rows), stage.rows_per_step, cfg.seed, step)
+        mine = indices[distributed.rank_slice(len(indices))]
         detailed = (step + 1) % cfg.logging_steps == 0 or step + 1 == steps
-        ctx = StepContext(step, [stage.rows[i] for i in indices], models, optimizers, autocast, device, detailed)
+        ctx = StepContext(step, [stage.rows[i] for i in mine], models, optimizers, autocast, device, detailed)
         learning_rate = first.get_last_lr()[0]
         stats = stage.step(ctx)
         for scheduler in schedulers.values():
@@ -372,13 +482,12 @@ def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
             state = {
                 "step": step + 1,
                 "data_position": step_rows(len(stage.rows), stage.rows_per_step, cfg.seed, step + 1)[1],
-                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                 "schedulers": {name: sch.state_dict() for name, sch in schedulers.items()},
                 "totals": totals,
                 "config": asdict(cfg),
                 **{name: obj.state_dict() for name, obj in stage.state.items()},
             }
-            save_checkpoint(out_dir, step + 1, trained, state, keep=cfg.keep_checkpoints)
+            save_training_checkpoint(out_dir, step + 1, models, optimizers, state, keep=cfg.keep_checkpoints)
     bar.close()
 
     final = {f"train/{k}": v for k, v in last_logged.items()}
@@ -387,10 +496,10 @@ def run(cfg, stage: Stage, *, resume: bool = False) -> dict:
         logger.log(steps, metrics, split="eval")
         final.update({f"eval/{k}": v for k, v in metrics.items()})
     logger.close()
-    stage.save_final(out_dir / "final")
-    if cfg.plots:
+    export_final(stage, out_dir / "final")
+    if cfg.plots and dist_ctx.main:
         plot_metrics(out_dir / "metrics.csv", out_dir / "plots")
-    print(summary_line(out_dir, final, stage.show, steps - start, time.perf_counter() - t_start))
+    log(summary_line(out_dir, final, stage.show, steps - start, time.perf_counter() - t_start))
     return final
 
 

@@ -11,10 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def final_weights(path: Path) -> dict:
-    """The weights of the newest checkpoint under ``path``."""
-    from safetensors.torch import load_file
+    """The weights of the newest checkpoint under ``path``: one model's state_dict, or ``{"<model>.<name>": ...}``
+    for stages with several trained models."""
+    from rlhf.checkpoint import read_weights
 
-    return load_file(str(sorted((path / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+    models = read_weights(sorted((path / "checkpoints").glob("step-*"))[-1])
+    if len(models) == 1:
+        return next(iter(models.values()))
+    return {f"{name}.{key}": value for name, state in models.items() for key, value in state.items()}
 
 
 def run_cli(args: list[str], out_dir: Path) -> subprocess.Popen:

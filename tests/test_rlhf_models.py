@@ -1,4 +1,5 @@
-"""rlhf.models: the fused policy forward, the reward head's token, LoRA, save/load round trips, pad tokens."""
+"""rlhf.models: the fused policy forward and losses (one forward call each), the reward head's token, LoRA,
+save/load round trips, pad tokens."""
 
 import pytest
 
@@ -8,6 +9,8 @@ pytest.importorskip("tokenizers")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from rlhf import models  # noqa: E402
+from rlhf.distributed import forward_call, is_sharded  # noqa: E402
 from rlhf.models import (  # noqa: E402
     IGNORE_INDEX,
     LMHead,
@@ -17,7 +20,9 @@ from rlhf.models import (  # noqa: E402
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    position_ids_from_mask,
 )
+from rlhf_kernels import reference  # noqa: E402
 
 HEAD = LMHead()
 
@@ -80,18 +85,143 @@ def test_token_logprobs_gradients_match_full_logits(policy, tokenizer):
         torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_token_accuracy_counts_argmax_hits(policy, tokenizer):
+def test_logprobs_counts_argmax_hits_like_full_logits(policy, tokenizer, monkeypatch):
+    monkeypatch.setattr(models, "CORRECT_CHUNK_ROWS", 2)  # several chunks, the last one partial
     ids, mask = _pad(_rows(tokenizer), tokenizer.pad_token_id, "right")
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    _, states = token_logprobs(policy, ids, mask, labels, return_hidden=True)
-    logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    tgt = labels[:, 1:]
-    tgt_hit = labels[:, 1:].clone()
-    tgt_hit[0, 0] = logits[0, 0].argmax()  # make at least one target the argmax
-    for t in (tgt, tgt_hit):
-        expected = ((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum()
-        assert int(HEAD.token_accuracy(states, t, chunk=2)) == int(expected)
-    assert int(HEAD.token_accuracy(states, tgt_hit, chunk=2)) >= 1
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]  # right padding: same positions
+    hit = labels.clone()
+    hit[0, 1] = logits[0, 0].argmax()  # make at least one target the argmax
+    hit[1, 2] = IGNORE_INDEX  # an ignored position inside a row
+    for lab in (labels, hit):
+        tgt = lab[:, 1:]
+        expected = ((logits.argmax(-1) == tgt) & (tgt != IGNORE_INDEX)).sum()
+        lp, correct = token_logprobs(policy, ids, mask, lab, return_correct=True)
+        assert correct.dtype == torch.int64 and correct.dim() == 0 and not correct.requires_grad
+        assert int(correct) == int(expected)
+        lp_ent, ent, correct_ent = token_logprobs(policy, ids, mask, lab, return_entropy=True, return_correct=True)
+        assert torch.equal(lp_ent, lp) and int(correct_ent) == int(expected) and ent.shape == lp.shape
+    assert int(expected) >= 1
+    # start > 0: only the targets labels[:, start+1:] are counted; the states come last
+    *_, correct, states = token_logprobs(policy, ids, mask, hit, start=2, return_correct=True, return_hidden=True)
+    tgt = hit[:, 3:]
+    assert int(correct) == int(((logits[:, 2:].argmax(-1) == tgt) & (tgt != IGNORE_INDEX)).sum())
+    assert states.hidden.shape[:2] == tgt.shape and states.model is policy
+
+
+def _full_logits(model, ids, mask):
+    """``(B, T, V)`` logits of the whole model, positions counted from the mask as the head does."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+
+
+def _grads(model):
+    """The gradients the tests compare (the LM head and a backbone weight), cleared afterwards."""
+    names = ("lm_head.weight", "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight")
+    params = dict(model.named_parameters())
+    out = {n: params[n].grad.clone() for n in names}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_ppo_loss_matches_full_logits_and_reference(policy, tokenizer):
+    ids, mask = _pad(_rows(tokenizer), tokenizer.pad_token_id, "left")  # prompts left-padded as in a rollout
+    B, T = ids.shape
+    P = 3
+    R = T - P
+    gen = torch.Generator().manual_seed(0)
+    old = -3.0 - torch.rand(B, R, generator=gen)
+    adv = torch.randn(B, R, generator=gen)
+    response_mask = torch.ones(B, R, dtype=torch.bool)
+    response_mask[1, -2:] = False  # a short response
+    opts = dict(clip_low=0.2, clip_high=0.3, entropy_coef=0.01, agg="seq-mean-token-mean")
+    loss, stats = HEAD.ppo_loss(
+        policy, ids, mask, ids[:, P:], old, adv, response_mask, start=P - 1, normalizer=4, **opts
+    )
+    loss.backward()
+    ours = _grads(policy)
+
+    logits = _full_logits(policy, ids, mask)[:, P - 1 : -1]  # (B, R, V) predict tokens P .. T-1
+    labels = ids[:, P:].masked_fill(~response_mask, IGNORE_INDEX)
+    lp, ent = reference.logprobs(logits, labels)
+    want, want_stats = reference.ppo_policy_loss(
+        lp, old, adv, response_mask, opts["clip_low"], opts["clip_high"], agg=opts["agg"], normalizer=4
+    )
+    want = want - opts["entropy_coef"] * reference.aggregate_loss(ent, response_mask, opts["agg"], 4)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    for name in ("policy/clipfrac", "policy/approxkl"):
+        torch.testing.assert_close(stats[name], want_stats[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in _grads(policy).items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss_type, average", [("sigmoid", False), ("ipo", True)])
+def test_dpo_loss_matches_full_logits_and_reference(policy, tokenizer, loss_type, average):
+    rows = _rows(tokenizer)
+    chosen = [rows[0], rows[1], rows[0][:2] + rows[2]]
+    rejected = [rows[1][:4] + rows[0][2:], rows[0][:4] + rows[2], rows[0][:2] + rows[1]]
+    ids, mask = _pad(chosen + rejected, tokenizer.pad_token_id, "right")  # rows 0-2 chosen, rows 3-5 rejected
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :2] = IGNORE_INDEX  # a two-token prompt
+    ref_chosen, ref_rejected = torch.tensor([-20.0, -25.0, -3.0]), torch.tensor([-22.0, -21.0, -30.0])
+    options = dict(beta=0.5, loss_type=loss_type)
+    loss, _ = HEAD.dpo_loss(
+        policy, ids, mask, labels, ref_chosen, ref_rejected, normalizer=6, average_log_prob=average, **options
+    )
+    loss.backward()
+    ours = _grads(policy)
+
+    lp, _ = reference.logprobs(_full_logits(policy, ids, mask)[:, :-1], labels[:, 1:])
+    seq = lp.sum(-1)  # (2B,) sequence log-probs: sums, or means over the response tokens
+    seq = seq / (labels[:, 1:] != IGNORE_INDEX).sum(-1) if average else seq
+    want = reference.dpo_loss(seq[:3], seq[3:], ref_chosen, ref_rejected, **options).sum() / 6
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    for name, grad in _grads(policy).items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_forward_call_on_an_unsharded_model_is_the_call(policy):
+    calls = []
+
+    def fn(a, b=0):
+        calls.append((a, b))
+        return torch.tensor(float(a + b)), "extra"
+
+    with torch.no_grad():
+        out = forward_call(policy, fn, 2, b=3)
+    assert out == (torch.tensor(5.0), "extra") and calls == [(2, 3)]
+    assert not is_sharded(policy)
+    # with gradients: the value and its graph are fn's own
+    weight = policy.lm_head.weight
+    value = forward_call(policy, lambda: (weight * 2).sum())
+    value.backward()
+    torch.testing.assert_close(weight.grad, torch.full_like(weight, 2.0))
+
+
+def test_kl_reads_each_model_once_and_is_zero_against_itself(policy, tokenizer, monkeypatch):
+    other = load_causal_lm("builtin-small", tokenizer, seed=1)
+    ids, mask = _pad(_rows(tokenizer), tokenizer.pad_token_id, "right")
+    calls = []
+    real = models.forward_call
+
+    def counting(model, fn, *args, **kwargs):
+        calls.append(model)
+        return real(model, fn, *args, **kwargs)
+
+    monkeypatch.setattr(models, "forward_call", counting)
+    with torch.no_grad():
+        states, ref_states = HEAD.hidden(policy, ids, mask), HEAD.hidden(other, ids, mask)
+        calls.clear()
+        kl = HEAD.kl(states, ref_states)
+        assert calls == [policy, other]
+        calls.clear()
+        assert torch.equal(HEAD.kl(states, states), torch.zeros_like(kl))
+        assert calls == [policy]  # the same model (a LoRA policy and its base): one call
+    assert kl.shape == ids[:, 1:].shape and bool((kl > 0).all())
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -16,9 +16,9 @@ pytest.importorskip("tokenizers")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from rlhf_cli_helpers import final_weights, finish, kill_then_resume, run_cli  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from rlhf import ppo  # noqa: E402
+from rlhf.checkpoint import read_weights  # noqa: E402
 from rlhf.collators import PromptCollator  # noqa: E402
 from rlhf.config import PPOConfig  # noqa: E402
 from rlhf.generation import response_logprobs, response_mask_from  # noqa: E402
@@ -72,9 +72,15 @@ def tokenizer():
 
 
 def _setup(cfg, tokenizer, n=8):
-    """(policy, ref, reward_model, critic, prompts): the run's models and its first n prompts, collated."""
+    """(policy, ref, reward_model, critic, rows): the run's models and its first n prompt rows."""
     rows, _ = ppo.load_prompts(cfg, tokenizer)
-    return (*ppo.build_models(cfg, tokenizer, "cpu"), PromptCollator(tokenizer.pad_token_id)(rows[:n]))
+    return (*ppo.build_models(cfg, tokenizer, "cpu"), rows[:n])
+
+
+def _rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg):
+    """The rollout batch (with ``scores``) of the first iteration on the prompt ``rows``."""
+    collate = PromptCollator(tokenizer.pad_token_id)
+    return rollout(policy, ref, critic, reward_model, tokenizer, rows, collate, cfg, _head(cfg), step=0)
 
 
 def _make_eos_likely(policy, eos_id, scale=0.7):
@@ -84,8 +90,8 @@ def _make_eos_likely(policy, eos_id, scale=0.7):
         head.weight[eos_id] = torch.randn(head.weight.shape[1], generator=torch.Generator().manual_seed(0)) * scale
 
 
-def _advantaged(batch, reward_model, cfg):
-    batch["scores"] = score(reward_model, batch)
+def _advantaged(batch):
+    """``batch`` with the rewards, advantages and returns of its rollout ``scores``."""
     batch["rewards"], batch["advantages"], batch["returns"] = compute_advantages(
         batch["scores"], batch["kl"], batch["values"], batch["response_mask"], kl_coef=0.05, gamma=1.0, lam=0.95,
         whiten=True,
@@ -106,7 +112,9 @@ def test_a_few_iterations_train_policy_and_critic(tmp_path, tokenizer):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r["split"] == "train"] == [1, 2, 3]
     assert [int(r["step"]) for r in rows if r["split"] == "eval"] == [2, 3]
-    weights = load_file(str(tmp_path / "checkpoints" / "step-00000003" / "model.safetensors"))
+    models = read_weights(tmp_path / "checkpoints" / "step-00000003")
+    assert models.keys() == {"policy", "critic"}
+    weights = {f"{name}.{key}": value for name, state in models.items() for key, value in state.items()}
     before = initial.state_dict()
     assert weights.keys() == before.keys()
     for part in ("policy", "critic"):
@@ -117,11 +125,11 @@ def test_a_few_iterations_train_policy_and_critic(tmp_path, tokenizer):
 
 
 def test_rollout_masks_and_pads_after_eos(tokenizer):
-    cfg = _cfg(max_new_tokens=12)
-    policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
+    """8 prompts generated in 4 chunks of batch_size=2, padded to the longest prompt and response."""
+    cfg = _cfg(max_new_tokens=12, missing_eos_penalty=2.5)
+    policy, ref, reward_model, critic, rows = _setup(cfg, tokenizer)
     _make_eos_likely(policy, tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg)), reward_model, cfg)
+    batch = _advantaged(_rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg))
     P, mask, ended = batch["prompt_length"], batch["response_mask"], batch["ended"]
     lengths = mask.sum(-1)
     assert bool(ended.any()) and not bool(ended.all()), ended  # both kinds of rows are exercised
@@ -137,12 +145,18 @@ def test_rollout_masks_and_pads_after_eos(tokenizer):
             assert not batch["attention_mask"][b, P + n :].any()
         else:
             assert n == 12
+    prompt_lengths = [len(r["input_ids"]) for r in rows]
+    assert batch["prompt_length"] == max(prompt_lengths)  # the 4 chunks are padded to the longest prompt
+    assert batch["attention_mask"][:, :P].sum(-1).tolist() == prompt_lengths
     for key in ("logprobs", "ref_logprobs", "entropy", "kl", "values", "rewards", "advantages", "returns"):
         assert (batch[key][~mask] == 0).all(), key
     assert (batch["logprobs"][mask] < 0).all()
     # the rollout log-probs are the policy's own on those tokens; the reference is the initial policy
     torch.testing.assert_close(batch["logprobs"], response_logprobs(_head(cfg), policy, batch), atol=1e-5, rtol=0)
     assert (batch["kl"][mask].abs() > 0).any()  # the EOS row differs between the policy and its reference
+    # the reward model's scores, read at the last real token of the padded rows, minus the penalty without EOS
+    raw = score(reward_model, batch)
+    torch.testing.assert_close(batch["scores"], torch.where(ended, raw, raw - 2.5), atol=1e-5, rtol=0)
 
 
 def test_missing_eos_penalty_applies_exactly_to_unended_responses(tokenizer):
@@ -187,8 +201,8 @@ def test_adaptive_kl_controller_on_hand_made_numbers():
 
 def test_ratio_check_is_zero_normally_and_warns_on_stale_logprobs(tokenizer):
     cfg = _cfg(ppo_epochs=1, lr=1e-3)
-    policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
-    batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg)), reward_model, cfg)
+    policy, ref, reward_model, critic, rows = _setup(cfg, tokenizer)
+    batch = _advantaged(_rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg))
 
     def update(old_logprobs):
         p, c = copy.deepcopy(policy), copy.deepcopy(critic)
@@ -211,9 +225,9 @@ def test_micro_batches_add_up_to_the_mini_batch(tokenizer):
     seq-mean weights). Plain SGD with lr 1, so the weight change is the gradient (Adam's first step is its sign)."""
     for agg in ("token-mean", "seq-mean-token-mean"):
         cfg = _cfg(mini_batch_size=4, agg=agg)
-        policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer, n=4)
+        policy, ref, reward_model, critic, rows = _setup(cfg, tokenizer, n=4)
         _make_eos_likely(policy, tokenizer.eos_token_id)  # responses of different lengths
-        batch = _advantaged(rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg)), reward_model, cfg)
+        batch = _advantaged(_rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg))
         results = []
         for micro in (4, 1):
             p, c = copy.deepcopy(policy), copy.deepcopy(critic)
@@ -237,14 +251,14 @@ def test_micro_batches_add_up_to_the_mini_batch(tokenizer):
 def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
     pytest.importorskip("peft")
     cfg = _cfg(lora_r=4, output_dir=str(tmp_path), max_steps=2, eval_fraction=0.0, lr=1e-2)
-    policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
+    policy, ref, reward_model, critic, rows = _setup(cfg, tokenizer)
     assert ref is None and hasattr(policy, "disable_adapter")
     assert not any(p.requires_grad for n, p in policy.named_parameters() if "lora_" not in n)
     with torch.no_grad():  # move the adapters away from their zero start, so the policy differs from its base
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg))
+    batch = _rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg)
     base = load_causal_lm("builtin-small", tokenizer, seed=cfg.seed)  # the initial policy, never wrapped
     torch.testing.assert_close(batch["ref_logprobs"], response_logprobs(_head(cfg), base, batch), atol=1e-5, rtol=0)
     mask = batch["response_mask"]
@@ -252,13 +266,15 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
     assert torch.equal(batch["kl"], (batch["logprobs"] - batch["ref_logprobs"]) * mask)
     # a short LoRA run trains the adapters of the policy and of the critic (and its head), nothing else
     ppo.train(cfg)
-    weights = load_file(str(tmp_path / "checkpoints" / "step-00000002" / "model.safetensors"))
+    weights = read_weights(tmp_path / "checkpoints" / "step-00000002")
     initial = dict(zip(("policy", "critic"), ppo.build_models(cfg, tokenizer, "cpu")[::3]))
+    assert weights.keys() == initial.keys()
     moved = set()
-    for name, value in weights.items():
-        part, key = name.split(".", 1)
-        if not torch.equal(value, initial[part].state_dict()[key]):
-            moved.add(name)
+    for part, state in weights.items():
+        assert state.keys() == initial[part].state_dict().keys(), part
+        for key, value in state.items():
+            if not torch.equal(value, initial[part].state_dict()[key]):
+                moved.add(f"{part}.{key}")
     frozen = [n for n in moved if "lora_" not in n and not n.startswith("critic.score.")]
     assert not frozen, frozen
     for prefix in ("policy.", "critic.backbone."):
@@ -269,13 +285,13 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
 
 def test_exact_kl_matches_full_logits_and_trains(tmp_path, tokenizer):
     cfg = _cfg(kl_estimator="exact", temperature=0.7)
-    policy, ref, reward_model, critic, prompts = _setup(cfg, tokenizer)
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg))
+    policy, ref, reward_model, critic, rows = _setup(cfg, tokenizer)
+    batch = _rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg)
     assert torch.equal(batch["kl"], torch.zeros_like(batch["kl"]))  # the policy is still its reference: exactly 0
     with torch.no_grad():
         for param in policy.parameters():
             param.add_(torch.randn_like(param) * 0.02)
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, _head(cfg))
+    batch = _rollout(policy, ref, critic, reward_model, tokenizer, rows, cfg)
     P, mask = batch["prompt_length"], batch["response_mask"]
     with torch.no_grad():
         logits = [

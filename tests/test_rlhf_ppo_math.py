@@ -9,6 +9,7 @@ pytest.importorskip("tokenizers")
 import torch  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
+from rlhf.collators import PromptCollator  # noqa: E402
 from rlhf.config import PPOConfig  # noqa: E402
 from rlhf.models import LMHead, load_causal_lm, load_reward_model, load_tokenizer  # noqa: E402
 from rlhf.ppo_core import compute_advantages, response_values, rollout, rollout_stats  # noqa: E402
@@ -91,24 +92,44 @@ def test_rollout_stats_objective_by_hand():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rolled_out():
+@pytest.fixture(scope="module", params=[3, 0], ids=["one-chunk", "two-chunks"])
+def rolled_out(request):
+    """A rollout of 3 prompts of 12, 2 and 8 tokens (left-padded), scored in pieces of ``batch_size=2``.
+
+    ``generation_batch_size=3``: one generate call (prompts padded to 12), its tokens scored in two pieces (2 + 1).
+    ``generation_batch_size=0`` (= batch_size): two generate calls of 2 and 1 prompts (padded to 12 and to 8); the
+    second chunk gets 4 more pad columns on the left when the chunks are concatenated.
+    """
     tokenizer = load_tokenizer("builtin-small")
     policy = load_causal_lm("builtin-small", tokenizer, seed=0).eval()
     ref = load_causal_lm("builtin-small", tokenizer, seed=1).eval()  # a different model: its log-probs differ
     critic = load_reward_model("builtin-small", tokenizer, seed=2).eval()
     texts = ["what is two plus three", "hi", "reverse the word cat please"]  # left-padded to different lengths
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    P = max(len(r) for r in rows)
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (P - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
-    # batch_size 2: the batch of 3 is scored in two chunks; log-probs are taken at the sampling temperature
-    cfg = PPOConfig(model="builtin-small", device="cpu", max_new_tokens=5, batch_size=2, temperature=0.7)
-    torch.manual_seed(0)
-    prompts = {"input_ids": input_ids, "attention_mask": attention_mask}
-    batch = rollout(policy, ref, critic, tokenizer, prompts, cfg, LMHead.from_config(cfg, temperature=cfg.temperature))
-    lengths = attention_mask.sum(-1).tolist()
-    assert len(set(lengths)) == 3 and batch["prompt_length"] == P, lengths
+    rows = [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert lengths == [12, 2, 8], lengths
+    # log-probs are taken at the sampling temperature
+    cfg = PPOConfig(
+        model="builtin-small",
+        device="cpu",
+        max_new_tokens=5,
+        batch_size=2,
+        generation_batch_size=request.param,
+        temperature=0.7,
+    )
+    head = LMHead.from_config(cfg, temperature=cfg.temperature)
+    collate = PromptCollator(tokenizer.pad_token_id)
+    # the critic doubles as the reward model: the scores are not what these tests check
+    batch = rollout(policy, ref, critic, critic, tokenizer, rows, collate, cfg, head, step=0)
+    assert batch["prompt_length"] == max(lengths)  # the chunks are padded to the longest prompt of the batch
+    P = batch["prompt_length"]
+    # every prompt's real tokens end at position P - 1, the padding before them is pad tokens with attention 0
+    prompt_attention = batch["attention_mask"][:, :P]
+    assert prompt_attention.sum(-1).tolist() == lengths
+    for b, n in enumerate(lengths):
+        assert prompt_attention[b, P - n :].all() and not prompt_attention[b, : P - n].any()
+        assert batch["input_ids"][b, P - n : P].tolist() == rows[b]["input_ids"]
+        assert (batch["input_ids"][b, : P - n] == tokenizer.pad_token_id).all()
     return policy, ref, critic, batch, cfg
 
 

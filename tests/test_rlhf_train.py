@@ -14,7 +14,10 @@ import torch  # noqa: E402
 from rlhf_cli_helpers import final_weights, finish, kill_then_resume, run_cli  # noqa: E402
 
 from rlhf import reward, sft  # noqa: E402
+from rlhf.checkpoint import WEIGHTS_DIR, is_single_model, load_training_checkpoint, save_checkpoint  # noqa: E402
 from rlhf.config import RewardConfig, SFTConfig  # noqa: E402
+from rlhf.models import load_causal_lm, load_tokenizer  # noqa: E402
+from rlhf.train import build_optimizer  # noqa: E402
 
 QUIET = dict(progress=False, plots=False, tensorboard=False, num_threads=1)
 
@@ -156,18 +159,33 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
 
 
 def test_resume_reads_a_checkpoint_written_before_the_training_core(tmp_path):
-    """One-model stages used to save ``optimizer``/``scheduler``; such a checkpoint still resumes exactly."""
+    """One-model stages used to save a single-model checkpoint (``model.safetensors``, ``optimizer``/``scheduler``
+    in ``trainer_state.pt``, no ``totals``); such a checkpoint still resumes exactly."""
     args = dict(model="builtin-small", max_steps=3, save_steps=1, batch_size=4, keep_checkpoints=0, **QUIET)
     sft.train(SFTConfig(output_dir=str(tmp_path / "straight"), **args))
     legacy = tmp_path / "legacy"
-    sft.train(SFTConfig(output_dir=str(legacy), **args))
-    for step in (2, 3):  # keep the step-1 checkpoint only, in the old layout
+    cfg = SFTConfig(output_dir=str(legacy), **args)
+    sft.train(cfg)
+    for step in (2, 3):  # keep the step-1 checkpoint only
         shutil.rmtree(legacy / "checkpoints" / f"step-{step:08d}")
     shutil.rmtree(legacy / "final")
-    state_file = legacy / "checkpoints" / "step-00000001" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=True)
-    state["optimizer"], state["scheduler"] = state.pop("optimizers")["model"], state.pop("schedulers")["model"]
-    torch.save(state, state_file)
+    # read the step-1 checkpoint into a model and an optimizer (this restores its RNG states too) ...
+    step_dir = legacy / "checkpoints" / "step-00000001"
+    model = load_causal_lm("builtin-small", load_tokenizer("builtin-small"), seed=cfg.seed)
+    opt = build_optimizer(model, cfg)
+    state = load_training_checkpoint(step_dir, {"model": model}, {"model": opt})
+    assert state["step"] == 1 and opt.state_dict()["state"], "the optimizer state was not restored"
+    # ... and write them back in the old layout in its place
+    shutil.rmtree(step_dir)
+    old = {
+        "step": 1,
+        "data_position": state["data_position"],
+        "config": state["config"],
+        "optimizer": opt.state_dict(),
+        "scheduler": state["schedulers"]["model"],
+    }
+    save_checkpoint(legacy, 1, model, old, keep=0)
+    assert is_single_model(step_dir) and not (step_dir / WEIGHTS_DIR).exists()
     sft.train(SFTConfig(output_dir=str(legacy), **args), resume=True)
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(legacy)
     assert straight.keys() == resumed.keys()
