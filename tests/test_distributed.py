@@ -18,6 +18,7 @@ checks against this same tolerance.
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -348,4 +349,8 @@ def test_bad_row_fails_on_every_rank_within_seconds(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("rlhf: error:")]
     assert len(errors) == 2 and errors[0] == errors[1], out.stderr[-4000:]
     assert "sft.jsonl" in errors[0] and "line 6" in errors[0]
+    # torchrun's failure report lists the exit statuses: 2 (our user error), or SIGTERM for a process that had
+    # printed its error but was still shutting down when torchrun stopped the job after the first exit
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+) ", out.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, out.stderr[-4000:]
     assert elapsed < 120, elapsed  # startup of two python processes on a small CI machine, then the error
