@@ -129,6 +129,28 @@ def test_modes_and_errors(monkeypatch):
         distributed.resolve_mode("zero3", 1)
 
 
+def test_pipeline_asks_for_its_stages_under_torchrun(monkeypatch, tmp_path):
+    from rlhf import pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(distributed_user_error(), match="the pipeline runs on one process"):
+        pipeline.train(pipeline.PipelineConfig(output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_ppo_batches_must_split_over_the_processes():
+    from rlhf.config import PPOConfig
+    from rlhf.ppo import check_processes
+
+    check_processes(PPOConfig(rollout_batch_size=8, mini_batch_size=4), 2)
+    for sizes, match in (
+        (dict(rollout_batch_size=9, mini_batch_size=3), "rollout_batch_size=9"),
+        (dict(rollout_batch_size=8, mini_batch_size=3), "mini_batch_size=3"),
+    ):
+        with pytest.raises(distributed_user_error(), match=match):
+            check_processes(PPOConfig(**sizes), 2)
+
+
 def distributed_user_error():
     from rlhf.errors import UserError
 
