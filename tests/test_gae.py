@@ -1,5 +1,8 @@
 """rlhf_kernels.gae (masked scan) on every backend: hand-computed cases and a straightforward loop as oracle."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_error
@@ -7,6 +10,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_kernels
+from rlhf_kernels._utils import tl, triton
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
+    from rlhf_kernels.ops.gae import _compose
 
 
 def loop_gae(rewards, values, mask, gamma, lam):
@@ -279,3 +287,56 @@ def test_gpu_large(backend):
     ref = batched_loop_gae(rewards.double(), values.double(), mask, 0.999, 0.95)
     plain = batched_loop_gae(rewards, values.float(), mask, 0.999, 0.95)
     assert_within_torch_error(adv, plain[0], ref[0], 1e-5, f"{backend} advantages")
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _both_scans(src, rev_out, fwd_out, N: tl.constexpr):
+        """The reverse scan of 5 components of length N, and the forward scan of the same lanes reversed."""
+        lane = tl.arange(0, N)
+        back = N - 1 - lane
+        a0, a1, a2, a3, a4 = tl.associative_scan(
+            (tl.load(src + lane), tl.load(src + N + lane), tl.load(src + 2 * N + lane), tl.load(src + 3 * N + lane),
+             tl.load(src + 4 * N + lane)), 0, _compose, reverse=True,
+        )  # fmt: skip
+        b0, b1, b2, b3, b4 = tl.associative_scan(
+            (tl.load(src + back), tl.load(src + N + back), tl.load(src + 2 * N + back), tl.load(src + 3 * N + back),
+             tl.load(src + 4 * N + back)), 0, _compose,
+        )  # fmt: skip
+        tl.store(rev_out + lane, a0)
+        tl.store(rev_out + N + lane, a1)
+        tl.store(rev_out + 2 * N + lane, a2)
+        tl.store(rev_out + 3 * N + lane, a3)
+        tl.store(rev_out + 4 * N + lane, a4)
+        tl.store(fwd_out + back, b0)
+        tl.store(fwd_out + N + back, b1)
+        tl.store(fwd_out + 2 * N + back, b2)
+        tl.store(fwd_out + 3 * N + back, b3)
+        tl.store(fwd_out + 4 * N + back, b4)
+
+
+def test_triton_scan_over_reversed_tiles_equals_the_reverse_scan():
+    """The GAE kernel scans each tile forward over time-reversed lanes instead of calling
+    ``tl.associative_scan(reverse=True)`` (an open upstream report says the latter miscompiles). Under the
+    interpreter the two give bitwise the same compositions, on data that exercises every kind of step."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or not HAVE_TRITON:
+        pytest.skip("compares against the reverse scan under the Triton interpreter only")
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 16, 128, 1024):
+        keep = torch.rand(n, generator=gen) > 0.3  # masked steps and skipped (identity) steps
+        gamma, gamma_lam = 0.99, 0.99 * 0.95
+        r, v = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+        one, zero = torch.ones(n), torch.zeros(n)
+        src = torch.stack(
+            [
+                torch.where(keep, zero, one),
+                torch.where(keep, gamma * one, zero),
+                torch.where(keep, gamma_lam * one, one),
+                torch.where(keep, v, zero),
+                torch.where(keep, r - v, zero),
+            ]
+        ).contiguous()
+        rev, fwd = torch.empty_like(src), torch.empty_like(src)
+        _both_scans[(1,)](src, rev, fwd, N=n)
+        assert torch.equal(rev, fwd), n

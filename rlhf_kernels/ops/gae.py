@@ -6,7 +6,10 @@ and a position with mask 0 leaves x unchanged. Both are affine maps of x whose l
 [[p, 0], [c, d]] (masked: p = 0, c = gamma, d = gamma lam; skipped: the identity), a form closed under
 composition. So the state after step t, F_t(0) with F_t = f_t o f_{t+1} o ... o f_{T-1}, is a reverse
 associative scan over 5-tuples (p, c, d, b0, b1); advantages[t] is the acc component. The kernel scans blocks of
-BLOCK_T steps from the end of the row and carries the state from one block into the next, so T is unbounded.
+BLOCK_T steps from the end of the row and carries the state from one block into the next, so T is unbounded. Each
+block is loaded in reverse time order (lane 0 holds the block's latest step) and scanned forward: the same
+compositions in the same order as a reverse scan, without ``tl.associative_scan(reverse=True)``, which has an
+open upstream report of miscompiling.
 Its epilogue also returns each row's (count, mean, M2) of the advantages over masked positions (Chan's merge
 across blocks), which is all that whitening over the batch needs.
 """
@@ -28,7 +31,7 @@ from .masked_stats import combine_row_stats, masked_whiten, whiten_with
 
 @triton.jit
 def _compose(p1, c1, d1, x1, y1, p2, c2, d2, x2, y2):
-    # Map 1 applied first, then map 2 (in a reverse scan, map 1 is the later time step).
+    # Map 1 applied first, then map 2 (scanning backwards in time, map 1 is the later time step).
     return p1 * p2, c2 * p1 + d2 * c1, d1 * d2, p2 * x1 + x2, c2 * x1 + d2 * y1 + y2
 
 
@@ -46,7 +49,7 @@ def _gae_kernel(
     mean = 0.0
     m2 = 0.0
     for k in range(0, tl.cdiv(T, BLOCK_T)):
-        offs = T - (k + 1) * BLOCK_T + lane
+        offs = T - 1 - k * BLOCK_T - lane  # lane 0: the block's latest step
         inside = offs >= 0
         r = tl.load(r_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
@@ -56,12 +59,12 @@ def _gae_kernel(
         d = tl.where(keep, gamma_lam, 1.0)
         x = tl.where(keep, v, 0.0)
         y = tl.where(keep, r - v, 0.0)
-        p, c, d, x, y = tl.associative_scan((p, c, d, x, y), 0, _compose, reverse=True)
+        p, c, d, x, y = tl.associative_scan((p, c, d, x, y), 0, _compose)  # forward over reversed time
         nv = p * nv_carry + x
         acc = c * nv_carry + d * acc_carry + y
         tl.store(adv_ptr + base + offs, acc, mask=inside)
         tl.store(ret_ptr + base + offs, acc + v, mask=inside)
-        first = lane == 0  # the block's earliest step carries into the next block
+        first = lane == BLOCK_T - 1  # the block's earliest step carries into the next block
         nv_carry = tl.sum(tl.where(first, nv, 0.0), axis=0)
         acc_carry = tl.sum(tl.where(first, acc, 0.0), axis=0)
         w = tl.where(keep, 1.0, 0.0)
