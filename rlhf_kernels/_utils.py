@@ -9,6 +9,10 @@ import torch
 from ._backend import triton_interpreted
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Every Triton launch states whether a * b + c may become one fused multiply-add (one rounding instead of two),
+# rather than taking the compiler's default: the kernels' numerics then do not change with the Triton version.
+# True: the faster and (per operation) more accurate choice, and what nvcc does by default for the CUDA backend.
+FP_FUSION = True
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 try:  # Triton is optional: CPU-only installs use the C++ or reference backends.

@@ -32,7 +32,8 @@ from triton.runtime.jit import JITFunction, mangle_type
 from rlhf_kernels._registry import OPS, resolve
 
 launched = {}  # op -> names of the kernels its launcher ran
-variants = {}  # (kernel, signature, constexprs) -> kernel
+variants = {}  # (kernel, signature, constexprs, options) -> kernel
+unstated = set()  # kernels launched without an explicit enable_fp_fusion
 op = None
 
 
@@ -40,10 +41,14 @@ def record(self, *args, grid, warmup, **kwargs):
     given = dict(zip([p.name for p in self.params], args), **kwargs)
     sig = {p.name: mangle_type(given[p.name]) for p in self.params if not p.is_constexpr}
     cx = {p.name: given[p.name] for p in self.params if p.is_constexpr}
+    opts = {k: kwargs[k] for k in ("num_warps", "enable_fp_fusion") if k in kwargs}
+    if "enable_fp_fusion" not in kwargs:
+        unstated.add(self.fn.__name__)
     flags = [k for k, v in cx.items() if isinstance(v, bool)]
     for values in itertools.product((False, True), repeat=len(flags)):
         c = {**cx, **dict(zip(flags, values))}
-        variants[(self.fn.__name__, tuple(sig.items()), tuple(sorted(c.items())))] = (self, sig, c)
+        key = (self.fn.__name__, tuple(sig.items()), tuple(sorted(c.items())), tuple(sorted(opts.items())))
+        variants[key] = (self, sig, c, opts)
     launched.setdefault(op, set()).add(self.fn.__name__)
 
 
@@ -55,10 +60,11 @@ for op, spec in OPS.items():
                 resolve(spec, spec.triton)(*args)
 
 arch = int(sys.argv[1])
-for fn, sig, cx in variants.values():
+for fn, sig, cx, opts in variants.values():
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in cx}}, constexprs=cx)
-    triton.compile(src, target=GPUTarget("cuda", arch, 32))
-print(json.dumps({"launched": {k: sorted(v) for k, v in launched.items()}, "compiled": len(variants)}))
+    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)  # the launch's own options
+launched = {k: sorted(v) for k, v in launched.items()}
+print(json.dumps({"launched": launched, "compiled": len(variants), "unstated": sorted(unstated)}))
 """
 
 
@@ -66,10 +72,10 @@ print(json.dumps({"launched": {k: sorted(v) for k, v in launched.items()}, "comp
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernels_compile_for_gpu(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated to silence triton's notice
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {op: sorted(spec.kernels) for op, spec in OPS.items() if spec.triton is not None}
     assert report["launched"] == expected  # each launcher runs exactly the kernels the table lists
     assert report["compiled"] >= sum(len(k) for k in expected.values())
+    assert report["unstated"] == []  # every launch states enable_fp_fusion (rlhf_kernels._utils.FP_FUSION)

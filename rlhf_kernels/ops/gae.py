@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _registry, reference
 from .._backend import resolve_backend
-from .._utils import FLOAT_DTYPES, bool_mask, tl, triton
+from .._utils import FLOAT_DTYPES, FP_FUSION, bool_mask, tl, triton
 from .masked_stats import combine_row_stats, masked_whiten, whiten_with
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,7 +108,20 @@ def gae_triton(rewards, values, mask, gamma: float, lam: float):
     if B > 0 and T > 0:
         block = min(1024, max(16, triton.next_power_of_2(T)))
         warps = 4 if block <= 512 else 8
-        _gae_kernel[(B,)](rewards, values, mask, adv, ret, stats, T, gamma, gamma * lam, BLOCK_T=block, num_warps=warps)
+        _gae_kernel[(B,)](
+            rewards,
+            values,
+            mask,
+            adv,
+            ret,
+            stats,
+            T,
+            gamma,
+            gamma * lam,
+            BLOCK_T=block,
+            num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
+        )
     else:
         stats.zero_()
     return adv, ret, stats

@@ -21,6 +21,7 @@ from .. import (
 )
 from .._backend import resolve_backend
 from .._utils import (
+    FP_FUSION,
     bool_mask,
     check_float_tensor,
     check_temperature,
@@ -174,7 +175,7 @@ def kl_fwd_triton(logits, ref_logits, mask, inv_temperature: float, reverse: boo
         _kl_fwd_kernel[(n,)](
             a, b, mask if mask is not None else kl, kl, *stats,
             logits.shape[2], *_strides(a), *_strides(b), inv_temperature,
-            HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps,
+            HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return kl, m_p, ln_p, m_q, ln_q
 
@@ -192,7 +193,7 @@ def kl_bwd_triton(logits, ref_logits, mask, grad_kl, m_p, ln_p, m_q, ln_q, kl, i
             logits, ref_logits, mask if mask is not None else kl, grad_kl, m_p, ln_p, m_q, ln_q, kl, grad,
             V, *_strides(logits), *_strides(ref_logits), inv_temperature,
             HAS_MASK=mask is not None, REVERSE=bool(reverse), BLOCK_V=block,
-            ROUND_BF16=interpreter_rounds_bf16(logits.dtype), num_warps=warps,
+            ROUND_BF16=interpreter_rounds_bf16(logits.dtype), num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return grad
 

@@ -19,6 +19,7 @@ from .. import (
 )
 from .._backend import resolve_backend
 from .._utils import (
+    FP_FUSION,
     check_float_tensor,
     check_label_range,
     check_labels,
@@ -135,7 +136,7 @@ def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperat
         block, warps = row_launch_config(V, logits.element_size())
         _logprobs_fwd_kernel[(B * T,)](
             logits, labels, *out, T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index,
-            BLOCK_V=block, num_warps=warps,
+            BLOCK_V=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return tuple(out)
 
@@ -155,6 +156,7 @@ def logprobs_bwd_triton(logits, labels, grad_lp, grad_ent, row_max, log_norm, en
             logits, labels, grad_lp, grad_ent, row_max, log_norm, ent, grad,
             T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index,
             BLOCK_V=block, ROUND_BF16=interpreter_rounds_bf16(logits.dtype), num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return grad
 

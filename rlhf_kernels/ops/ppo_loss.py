@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from .._backend import resolve_backend
-from .._utils import bool_mask, tl, triton
+from .._utils import FP_FUSION, bool_mask, tl, triton
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_old| is clamped to this before the exponential
@@ -92,7 +92,19 @@ def _policy_triton(lp, old, adv, w, clip_low, clip_high, dual_clip):
     partials = torch.zeros((max(programs, 1), 4), dtype=torch.float32, device=lp.device)
     if programs > 0:
         _ppo_policy_fwd_kernel[(programs,)](
-            lp, old, adv, w, grad, partials, n, clip_low, clip_high, dual_clip, BLOCK=_BLOCK, num_warps=4
+            lp,
+            old,
+            adv,
+            w,
+            grad,
+            partials,
+            n,
+            clip_low,
+            clip_high,
+            dual_clip,
+            BLOCK=_BLOCK,
+            num_warps=4,
+            enable_fp_fusion=FP_FUSION,
         )
     return grad, partials
 
@@ -103,7 +115,9 @@ def _value_triton(v, old, ret, w, clip):
     programs = triton.cdiv(n, _BLOCK)
     partials = torch.zeros((max(programs, 1), 2), dtype=torch.float32, device=v.device)
     if programs > 0:
-        _ppo_value_fwd_kernel[(programs,)](v, old, ret, w, grad, partials, n, clip, BLOCK=_BLOCK, num_warps=4)
+        _ppo_value_fwd_kernel[(programs,)](
+            v, old, ret, w, grad, partials, n, clip, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
+        )
     return grad, partials
 
 
