@@ -244,13 +244,29 @@ def implementation(op: str, backend: str) -> Callable[..., Any]:
     if backend not in spec.backends:
         raise ValueError(f"{op} has no {backend!r} implementation; it has {', '.join(spec.backends)}")
     if backend == "triton":
-        return resolve(spec, spec.triton)
+        return on_input_device(resolve(spec, spec.triton))
     if backend == "reference":
         return spec.reference
     loaded, why = load_ext()
     if not loaded or op not in native_op_names():
         raise RuntimeError(f"{op}: backend={backend!r} needs the compiled op {spec.cpp_name}: {why or 'not built'}")
     return getattr(torch.ops.rlhf_kernels_C, op).default
+
+
+def on_input_device(launcher: Callable[..., Any]) -> Callable[..., Any]:
+    """``launcher`` run with the current CUDA device set to its first tensor argument's device (Triton launches on
+    the current device and its current stream; inputs on ``cuda:1`` while the current device is 0 would otherwise
+    run on the wrong device). CPU tensors (the interpreter) run as they are."""
+
+    @functools.wraps(launcher)
+    def run(*args: Any) -> Any:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return launcher(*args)
+        with torch.cuda.device(first.device):
+            return launcher(*args)
+
+    return run
 
 
 def call(op: str, backend: str, *args: Any) -> Any:
