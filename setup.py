@@ -6,7 +6,9 @@ RLHF_KERNELS_NO_EXT=1      skip the compiled extension (pure Python + Triton ins
 RLHF_KERNELS_FORCE_CUDA=1  compile the CUDA sources even when no GPU is visible (needs a CUDA build of torch
                            and nvcc), e.g. when building inside a container.
 RLHF_KERNELS_NO_CUDA=1     compile only the CPU sources.
-RLHF_KERNELS_CUDA_ARCH     forwarded to TORCH_CUDA_ARCH_LIST when set (default "8.0;9.0").
+RLHF_KERNELS_CUDA_ARCH     forwarded to TORCH_CUDA_ARCH_LIST when set (default "8.0;9.0;10.0+PTX" when nvcc and
+                           torch know sm_100, else "8.0;9.0+PTX": SASS for A100/H100(/B200) and PTX of the newest
+                           arch, which the driver compiles for later GPUs).
 
 Install with ``pip install --no-build-isolation -e .``: the extension is compiled against the torch that is
 already installed, so pip must not build it in an isolated environment with another torch.
@@ -23,6 +25,42 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _nvcc_archs(nvcc: str) -> set[str]:
+    """The virtual architectures the nvcc at ``nvcc`` compiles for (``{"compute_80", ...}``; empty if unknown)."""
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return set(out.split())
+
+
+def _torch_knows_arch(arch: str) -> bool:
+    """Whether this torch's extension builder accepts ``arch`` in TORCH_CUDA_ARCH_LIST (sm_100 needs torch 2.7+)."""
+    from torch.utils import cpp_extension
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        cpp_extension._get_cuda_arch_flags()
+        return True
+    except (ValueError, AttributeError, RuntimeError):
+        return False
+    finally:
+        if saved is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def default_cuda_archs(nvcc: str) -> str:
+    """SASS for sm_80 and sm_90, and sm_100 when both nvcc and torch support it; PTX of the newest one."""
+    if "compute_100" in _nvcc_archs(nvcc) and _torch_knows_arch("10.0"):
+        return "8.0;9.0;10.0+PTX"
+    return "8.0;9.0+PTX"
 
 
 def _extensions():
@@ -48,7 +86,10 @@ def _extensions():
         not _flag("RLHF_KERNELS_NO_CUDA") and torch_has_cuda and nvcc_found and (force or torch.cuda.is_available())
     )
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("RLHF_KERNELS_CUDA_ARCH", "8.0;9.0"))
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+        archs = os.environ.get("RLHF_KERNELS_CUDA_ARCH") or default_cuda_archs(nvcc)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+        print(f"rlhf-kernels: CUDA sources for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
             "rlhf_kernels._C",
             cpu_sources + cuda_sources,

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA source in csrc/ for sm_80 and sm_90: .cu bindings against torch's headers (those of
-# the CPU wheel suffice), torch-free .cuh kernel headers on their own. Fails on any error.
+# Compile-check every CUDA source in csrc/ for sm_80, sm_90 (sm_100 where nvcc has it) and PTX: .cu bindings
+# against torch's headers (those of the CPU wheel suffice), torch-free .cuh kernel headers on their own. Fails on
+# any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
 PYINC=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 ABI=$(python -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+# SASS for sm_80 and sm_90 (and sm_100 when this nvcc has it), plus PTX of the newest: what setup.py builds
 ARCH=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+if nvcc --list-gpu-arch 2>/dev/null | grep -qx compute_100; then
+  ARCH+=(-gencode arch=compute_100,code=sm_100 -gencode arch=compute_100,code=compute_100)
+else
+  ARCH+=(-gencode arch=compute_90,code=compute_90)
+fi
+echo "nvcc targets: ${ARCH[*]}"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
