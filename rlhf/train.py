@@ -260,12 +260,6 @@ def micro_batches(rows: Sequence[dict], batch_size: int, collate, device) -> lis
     return [to_device(collate(list(rows[j : j + batch_size])), device) for j in range(0, len(rows), batch_size)]
 
 
-def eval_batches(rows: Sequence[dict], collate, batch_size: int, device):
-    """Collated batches over ``rows`` in order, one at a time, on ``device``."""
-    for i in range(0, len(rows), batch_size):
-        yield to_device(collate(list(rows[i : i + batch_size])), device)
-
-
 def shard_eval_batches(rows: Sequence[dict], collate, batch_size: int, device):
     """This process's share of ``rows`` as collated batches ``(batch, real)`` on ``device``: every process
     yields as many (:func:`rlhf.distributed.shard_for_eval`); the stats of ``real=False`` batches are dropped,
