@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -74,15 +75,38 @@ def check_labels(labels: object, lead_shape: torch.Size, device: torch.device) -
         raise ValueError(f"labels are on {labels.device} but logits are on {device}")
 
 
+# Input checks on data (label ranges, masks) run on the device without a host sync: on CUDA a failed check is a
+# device-side assert (torch._assert_async) that names the condition, so check=True costs no sync and the ops can be
+# captured in CUDA graphs. RLHF_KERNELS_SYNC_CHECKS=1 makes them synchronous everywhere, with the offending value
+# in the error (one host sync per check); CPU tensors always get the synchronous error (a sync costs nothing there).
+SYNC_CHECKS_ENV = "RLHF_KERNELS_SYNC_CHECKS"
+
+
+def sync_checks(device: torch.device) -> bool:
+    """Whether data checks on ``device`` raise a ``ValueError`` on the host (with details) rather than asserting
+    on the device."""
+    return device.type == "cpu" or os.environ.get(SYNC_CHECKS_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def require_none(bad: torch.Tensor, message: str, detail=None) -> None:
+    """Fail when any element of ``bad`` (bool) is True: a ``ValueError(message + detail())`` after a host sync
+    where :func:`sync_checks`, else a device-side assert with ``message`` and no sync."""
+    if sync_checks(bad.device):
+        if bool(bad.any()):
+            raise ValueError(message + ("" if detail is None else detail()))
+    else:
+        torch._assert_async(~bad.any(), message)
+
+
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """One reduction (and one host sync on GPU): every label is ``ignore_index`` or in [0, vocab)."""
+    """Every label is ``ignore_index`` or in [0, vocab): one reduction, no host sync on CUDA (:func:`require_none`)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(
-            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
-            f"({int(bad.sum())} bad labels). Pass check=False to skip this check (bad rows then give NaN)."
-        )
+    require_none(
+        bad,
+        f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}. Pass check=False to skip this "
+        f"check (bad rows then give NaN).",
+        lambda: f" Found {labels[bad][0].item()} ({int(bad.sum())} bad labels).",
+    )
 
 
 def row_inputs(op: str, shape: tuple[int, ...], **tensors: torch.Tensor) -> list[torch.Tensor]:

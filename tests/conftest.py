@@ -6,6 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+# Bad-input tests expect a ValueError: on CUDA the data checks are otherwise device-side asserts (no host sync),
+# which end the process's CUDA context. tests/test_cuda_graphs.py checks that asynchronous path on its own.
+os.environ.setdefault("RLHF_KERNELS_SYNC_CHECKS", "1")
 
 import pytest  # noqa: E402
 

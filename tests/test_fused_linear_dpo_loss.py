@@ -158,7 +158,7 @@ def test_bad_inputs(backend):
     kw = dict(bias=bias, backend=backend)
     empty = labels.clone()
     empty[4] = -100  # rejected response of pair 1: prompt only
-    with pytest.raises(ValueError, match="sequence 4 of labels has no response token"):
+    with pytest.raises(ValueError, match=r"no response token .* Sequence 4 \(1 such"):
         rlhf_kernels.fused_linear_dpo_loss(hidden, weight, empty, ref_c, ref_r, **kw)
     with pytest.raises(ValueError, match=r"\(2B, T, H\)"):
         rlhf_kernels.fused_linear_dpo_loss(hidden[:5], weight, labels[:5], ref_c, ref_r, **kw)

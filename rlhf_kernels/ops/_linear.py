@@ -4,6 +4,7 @@ the gradient GEMMs) that every fused-linear op drives with its own per-chunk ste
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -12,8 +13,23 @@ import torch.nn.functional as F
 from .._utils import check_float_tensor
 
 
-def check_linear(h_name: str, hidden: object, w_name: str, weight: object, b_name: str, bias: object) -> None:
-    """hidden (..., H), weight (V, H) with V >= 1, bias (V,) or None: one dtype, one device."""
+def linear_operands(h_name: str, hidden: object, w_name: str, weight: object, b_name: str, bias: object) -> tuple:
+    """``(hidden, weight, bias)`` as the fused-linear op computes with them: the one dtype rule of these ops.
+
+    Checks: hidden (..., H), weight (V, H) with V >= 1, bias (V,) or None, all float tensors on one device.
+
+    The rule, the same for the forward GEMM, the backward's recomputed logits and the gradient GEMMs:
+
+    * autocast enabled for the inputs' device type: all three are cast to the autocast dtype, as ``nn.Linear``
+      would cast them (e.g. fp32 weights and fp32 or bf16 hidden states under bf16 autocast all run in bf16);
+      the casts are ordinary autograd ops outside the op, so fp32 parameters receive fp32 gradients;
+    * autocast off: they must already share one dtype (``TypeError`` otherwise, as ``F.linear`` raises).
+
+    The op itself then runs with autocast disabled (:func:`run_chunks`): the logits the backward recomputes are
+    bitwise those of the forward (same operands, same GEMM), whatever autocast state the backward runs under, and
+    every GEMM of the chunk loop sees operands of one dtype (the fp32-output GEMM of the weight gradient on CUDA
+    takes only equal operand dtypes).
+    """
     check_float_tensor(h_name, hidden)
     check_float_tensor(w_name, weight)
     if hidden.dim() == 0 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -26,11 +42,37 @@ def check_linear(h_name: str, hidden: object, w_name: str, weight: object, b_nam
         check_float_tensor(b_name, bias)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"{b_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        dtypes = f"{hidden.dtype}, {weight.dtype}" + ("" if bias is None else f", {bias.dtype}")
-        raise TypeError(f"{h_name}, {w_name} and {b_name} must share one dtype, got {dtypes}")
     if weight.device != hidden.device or (bias is not None and bias.device != hidden.device):
         raise ValueError(f"{h_name}, {w_name} and {b_name} must be on the same device")
+    dtype = autocast_dtype(hidden.device)
+    if dtype is not None:
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        dtypes = f"{hidden.dtype}, {weight.dtype}" + ("" if bias is None else f", {bias.dtype}")
+        raise TypeError(
+            f"{h_name}, {w_name} and {b_name} must share one dtype outside autocast, got {dtypes} "
+            "(cast them, or run under torch.autocast to compute in its dtype)"
+        )
+    return hidden, weight, bias
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device``'s type when autocast is enabled there, else None."""
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def capturing_cuda_graph(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` (a CUDA device) is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast disabled for ``device``'s type (a no-op where autocast does not exist)."""
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
@@ -46,14 +88,28 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     return max(1, min(chunk, n_tokens))
 
 
+def fp32_out_gemm_available(device: torch.device) -> bool:
+    """Whether ``device`` has a half-precision GEMM with an fp32 output (``torch.addmm(..., out_dtype=float32)``):
+    CUDA does; the CPU has no kernel for it."""
+    return device.type == "cuda"
+
+
+def _fp32_out_addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b by one GEMM reading bf16/fp16 ``a`` and ``b`` (one dtype) and writing fp32."""
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b for a, b in any float dtype, accumulating the product in fp32."""
+    """acc (fp32) += a @ b for ``a`` and ``b`` of one float dtype (:func:`linear_operands` guarantees it),
+    accumulating the product in fp32."""
+    if a.dtype != b.dtype:  # an internal error: the dtype rule casts every operand to one dtype
+        raise TypeError(f"fused-linear GEMM operands of two dtypes ({a.dtype}, {b.dtype}): linear_operands missed")
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16/fp16 GEMM with an fp32 output
+    elif fp32_out_gemm_available(acc.device):
+        _fp32_out_addmm(acc, a, b)  # bf16/fp16 GEMM with an fp32 output
     else:
-        acc.addmm_(a.float(), b.float())  # CPU: no mixed-dtype GEMM; chunk-sized upcasts only
+        acc.addmm_(a.float(), b.float())  # CPU: chunk-sized upcasts only
 
 
 def detach_without_grad(*tensors):
@@ -116,24 +172,25 @@ def run_chunks(hidden, weight, bias, chunks, step, inputs=(), needs=(False, Fals
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
     outs = []
-    for chunk in chunks:
-        h = _take(hidden, chunk.rows)
-        logits = F.linear(h, weight, bias)  # (C, V)
-        grad_logits, out = step(chunk, logits, *(_take(x, chunk.rows) for x in inputs))
-        del logits
-        outs.append(out)
-        if grad_logits is None:
-            continue
-        if need_h:
-            if isinstance(chunk.rows, slice):
-                torch.mm(grad_logits, weight, out=grad_h[chunk.rows])
-            else:
-                grad_h.index_copy_(0, chunk.rows, grad_logits @ weight)
-        if need_w:
-            _addmm_fp32(grad_w, grad_logits.t(), h)
-        if need_b:
-            grad_b += grad_logits.sum(0, dtype=torch.float32)
-        del grad_logits
+    with autocast_off(hidden.device):  # the dtype rule (linear_operands): the operands' dtype, forward and backward
+        for chunk in chunks:
+            h = _take(hidden, chunk.rows)
+            logits = F.linear(h, weight, bias)  # (C, V)
+            grad_logits, out = step(chunk, logits, *(_take(x, chunk.rows) for x in inputs))
+            del logits
+            outs.append(out)
+            if grad_logits is None:
+                continue
+            if need_h:
+                if isinstance(chunk.rows, slice):
+                    torch.mm(grad_logits, weight, out=grad_h[chunk.rows])
+                else:
+                    grad_h.index_copy_(0, chunk.rows, grad_logits @ weight)
+            if need_w:
+                _addmm_fp32(grad_w, grad_logits.t(), h)
+            if need_b:
+                grad_b += grad_logits.sum(0, dtype=torch.float32)
+            del grad_logits
     grad_w = None if grad_w is None else grad_w.to(weight.dtype)
     grad_b = None if grad_b is None else grad_b.to(bias.dtype)
     return outs, (grad_h, grad_w, grad_b)
@@ -152,8 +209,9 @@ def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
 
     The fused-linear ops run their GEMMs on these rows only: prompt and padding tokens (often half of a batch)
     then cost nothing. Finding them is one host sync; under torch.compile (no data-dependent shapes) every row
-    is computed instead, the skipped ones giving zeros as usual."""
-    if torch.compiler.is_compiling():
+    is computed instead, the skipped ones giving zeros as usual; so too while a CUDA graph is being captured (no
+    host sync allowed)."""
+    if torch.compiler.is_compiling() or capturing_cuda_graph(keep.device):
         return None
     idx = keep.nonzero().squeeze(1)
     return None if idx.numel() == keep.numel() else idx

@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
-from .._utils import check_label_range, check_labels
+from .._utils import check_label_range, check_labels, require_none
 from ._linear import (
     Chunk,
     check_chunk_size,
-    check_linear,
     chunk_rows,
     detach_without_grad,
+    linear_operands,
     run_chunks,
     save_linear_grads,
     scaled_linear_grads,
@@ -179,7 +179,7 @@ def fused_linear_dpo_loss(
         raise ValueError(
             f"hidden must be (2B, T, H) with the chosen sequences first, got {getattr(hidden, 'shape', hidden)}"
         )
-    check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    hidden, weight, bias = linear_operands("hidden", hidden, "weight", weight, "bias", bias)
     check_labels(labels, hidden.shape[:-1], hidden.device)
     check_chunk_size(chunk_size)
     unknown = set(dpo_options) - set(_DPO_OPTIONS)
@@ -197,12 +197,13 @@ def fused_linear_dpo_loss(
     compiling = torch.compiler.is_compiling()
     if check and not compiling:
         check_label_range(labels, V, ignore_index)
-        empty = ((labels != ignore_index).sum(-1) == 0).nonzero()
-        if empty.numel():
-            raise ValueError(
-                f"sequence {int(empty[0, 0])} of labels has no response token (all {ignore_index}); "
-                f"{empty.numel()} such sequences. A DPO pair needs a non-empty chosen and rejected response."
-            )
+        empty = (labels != ignore_index).sum(-1) == 0  # (2B,)
+        require_none(
+            empty,
+            f"a sequence of labels has no response token (all {ignore_index}); a DPO pair needs a non-empty "
+            "chosen and rejected response.",
+            lambda: f" Sequence {int(empty.nonzero()[0, 0])} ({int(empty.sum())} such sequences).",
+        )
     if average_log_prob is None:
         average_log_prob = loss_type in AVERAGED_LOSS_TYPES
     name = resolve_backend(backend, hidden.device)

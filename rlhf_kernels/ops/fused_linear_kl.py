@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from .. import reference
 from .._backend import resolve_backend
 from .._utils import bool_mask, check_temperature
-from ._linear import cat_rows, check_chunk_size, check_linear, chunk_rows, detach_without_grad, run_chunks, token_chunks
+from ._linear import (
+    autocast_off,
+    cat_rows,
+    check_chunk_size,
+    chunk_rows,
+    detach_without_grad,
+    linear_operands,
+    run_chunks,
+    token_chunks,
+)
 from .kl import check_direction
 
 
@@ -99,8 +108,10 @@ def fused_linear_kl(
 
         kl = rlhf_kernels.fused_linear_kl(h, policy.lm_head.weight, ref_h, ref.lm_head.weight, mask=response_mask)
     """
-    check_linear("hidden", hidden, "weight", weight, "bias", bias)
-    check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
+    hidden, weight, bias = linear_operands("hidden", hidden, "weight", weight, "bias", bias)
+    ref_hidden, ref_weight, ref_bias = linear_operands(
+        "ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias
+    )
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"weight and ref_weight must have the same vocabulary size, got {weight.shape[0]} and {ref_weight.shape[0]}"
@@ -119,9 +130,10 @@ def fused_linear_kl(
     mask = None if mask is None else bool_mask(mask, lead, hidden.device)
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
-        kl = reference.fused_linear_kl(
-            hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, mask, direction
-        )
+        with autocast_off(hidden.device):  # the dtype rule (linear_operands): the operands' dtype
+            kl = reference.fused_linear_kl(
+                hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, mask, direction
+            )
         return kl.float()
     h = hidden.reshape(-1, weight.shape[1])  # (N, H)
     rh = ref_hidden.detach().reshape(-1, ref_weight.shape[1])  # (N, H_ref)

@@ -15,11 +15,12 @@ from .. import reference
 from .._backend import resolve_backend
 from .._utils import check_label_range, check_labels, check_temperature
 from ._linear import (
+    autocast_off,
     cat_rows,
     check_chunk_size,
-    check_linear,
     chunk_rows,
     detach_without_grad,
+    linear_operands,
     run_chunks,
     select_rows,
     token_chunks,
@@ -99,7 +100,7 @@ def fused_linear_logprobs(
 
         lp = rlhf_kernels.fused_linear_logprobs(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
-    check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    hidden, weight, bias = linear_operands("hidden", hidden, "weight", weight, "bias", bias)
     check_labels(labels, hidden.shape[:-1], hidden.device)
     temperature = check_temperature(temperature)
     check_chunk_size(chunk_size)
@@ -108,7 +109,8 @@ def fused_linear_logprobs(
     if check and not torch.compiler.is_compiling():
         check_label_range(labels, V, ignore_index)
     if name == "reference":
-        lp, ent = reference.fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
+        with autocast_off(hidden.device):  # the dtype rule (linear_operands): the operands' dtype
+            lp, ent = reference.fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
         lp, ent = lp.float(), ent.float()
     else:
         y = labels.reshape(-1).to(torch.int64).contiguous()  # (N,)

@@ -19,12 +19,13 @@ import torch
 
 from .. import reference
 from .._backend import resolve_backend
-from .._utils import check_label_range, check_labels, check_temperature
+from .._utils import check_label_range, check_labels, check_temperature, require_none
 from ._linear import (
+    autocast_off,
     check_chunk_size,
-    check_linear,
     chunk_rows,
     detach_without_grad,
+    linear_operands,
     run_chunks,
     save_linear_grads,
     scaled_linear_grads,
@@ -155,7 +156,7 @@ def fused_linear_ppo_loss(
     ``retain_graph=True``, sees the same saved gradients). grad_weight is accumulated in fp32 across chunks and
     saved in the weight's dtype.
     """
-    check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    hidden, weight, bias = linear_operands("hidden", hidden, "weight", weight, "bias", bias)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be (..., T, H), got {tuple(hidden.shape)}")
     tok_shape = hidden.shape[:-1]
@@ -181,14 +182,16 @@ def fused_linear_ppo_loss(
     name = resolve_backend(backend, hidden.device)
     if check and not torch.compiler.is_compiling():
         check_label_range(y, V, ignore_index)
-        if bool((m & (labels == ignore_index)).any()):
-            raise ValueError(f"mask selects a position whose label is ignore_index={ignore_index}")
+        require_none(
+            m & (labels == ignore_index), f"mask selects a position whose label is ignore_index={ignore_index}"
+        )
     if name == "reference":  # the reference takes (..., T) advantages: broadcast per-sequence ones (GRPO) first
         adv = advantages if advantages.shape == tok_shape else advantages.unsqueeze(-1).expand(tok_shape)
-        return reference.fused_linear_ppo_loss(
-            hidden, weight, y, old_logprobs, adv, m, bias, ref_logprobs, kl_coef, kl_estimator, entropy_coef,
-            temperature, clip_low, clip_high, dual_clip, agg, ignore_index, normalizer,
-        )  # fmt: skip
+        with autocast_off(hidden.device):  # the dtype rule (linear_operands): the operands' dtype
+            return reference.fused_linear_ppo_loss(
+                hidden, weight, y, old_logprobs, adv, m, bias, ref_logprobs, kl_coef, kl_estimator, entropy_coef,
+                temperature, clip_low, clip_high, dual_clip, agg, ignore_index, normalizer,
+            )  # fmt: skip
     old, adv = tokens_fp32(old_logprobs, tok_shape), tokens_fp32(advantages, tok_shape)
     ref = None if ref_logprobs is None else tokens_fp32(ref_logprobs, tok_shape)
     w = aggregation_weights(m, agg, normalizer).reshape(-1)
