@@ -10,9 +10,10 @@
 // bytes, 0 = row masked out (never read; all its outputs 0, its gradient row 0). Per-row fp32 outputs (N,)
 // contiguous; the gradient is a contiguous (N, V) array of type TL.
 //
-// Forward, per row, all in fp32: z_v = x_v * inv_t, w_v = y_v * inv_t (one rounded product each); the weighting
-// distribution a and the other one b are (a, b) = (z, w) for reverse = KL(p || q), (w, z) for KL(q || p). With
-// m_a = max a, s_a = sum e^(a_v - m_a), m_b, s_b likewise and t = sum e^(a_v - m_a) ((a_v - m_a) - (b_v - m_b)):
+// Forward, per row, all in fp32: z_v = x_v * inv_t, w_v = y_v * inv_t; the weighting distribution a and the other
+// one b are (a, b) = (z, w) for reverse = KL(p || q), (w, z) for KL(q || p). With m_a = max a (the maximum raw
+// logit times inv_t, one rounding; inv_t > 0), da_v = a_v - m_a rounded once (an fma of the raw logit), s_a =
+// sum e^(da_v), m_b, db_v, s_b likewise and t = sum e^(da_v) (da_v - db_v):
 //   kl = max(0, t / s_a + (log s_b - log s_a)) (NaN kept), row statistics (m, log s) of z and of w.
 // Everything is gathered in ONE pass with online maxima: when (m_a, m_b) grow to (m_a', m_b'), da = m_a - m_a',
 // db = m_b - m_b': s_a <- e^da s_a, s_b <- e^db s_b, t <- e^da (t + (da - db) s_a). The empty state (m = -inf,
@@ -20,34 +21,43 @@
 // kernel always computes KL(a || b) of its (first, second) source, and the launcher passes (logits, ref) or
 // (ref, logits) with the output pointers mapped back to (policy, ref) order. Both operands go through identical
 // arithmetic, so identical rows give m_a == m_b, s_a == s_b, every difference 0, hence kl == 0 exactly.
-// Non-finite rule: every scaled value is tested (!(|z| < inf), which also catches NaN and inf logits and products
-// that overflow); a row with any such element in either source gets kl = NaN (its statistics are unspecified).
+// Non-finite rule: a NaN or +-inf logit in either source, or a scaled value that overflows, leaves t, s_a or s_b
+// non-finite (see KlState); such a row gets kl = NaN (its statistics are unspecified).
 //
-// Backward, per element of an unmasked row (stats and kl from the forward, g = grad_kl[r]):
+// Backward, per element of an unmasked row (stats and kl from the forward, g = grad_kl[r]; z and w rounded to fp32
+// here, which differs from the forward's fma differences by at most half an ulp of z):
 //   lp = (z - row_max) - log_norm, lq = (w - ref_row_max) - ref_log_norm, p = e^lp,
 //   reverse: g_z = (g p) ((lp - lq) - kl);  else: g_z = g (p - e^lq);  grad = g_z * inv_t in type TL.
 //
 // Work split (the launch rule, a function of V only; see kl_row_launch): the row is cut into slots of kKlSlot = 8
 // consecutive elements, slot j covering [8 j, min(8 j + 8, V)), i.e. one 16-byte vector of a 16-bit source or two
 // of an fp32 one. threads_per_row (tpr) = smallest power of two in [32, 512] with tpr * 8 >= ceil(V / 8);
-// rows_per_block = max(1, 128 / tpr). Forward: 1-D grid over row groups (grid-stride), each thread with U slots
-// of both sources in flight (kKlUnroll). Backward: grid x = chunk of tpr * U * kKlBwdBatches slots of the row,
-// y = row group (grid-stride); its slots are counted from the first 16-byte aligned element of the gradient row,
-// and chunk 0 also writes the scalar head (the elements before it) and tail (after the last full slot).
+// rows_per_block = max(1, 128 / tpr). Forward: 1-D grid over row groups (grid-stride). Backward: grid x = chunk
+// of tpr * U * kKlBwdBatches slots of the row, y = row group (grid-stride); its slots are counted from the first
+// 16-byte aligned element of the gradient row, and chunk 0 also writes the scalar head (the elements before it)
+// and tail (after the last full slot).
 //
-// Batch invariance of the forward: slot j belongs to thread j % tpr of the row's group, which folds its slots in
-// increasing j, one slot at a time, with the same arithmetic whether a source's slot came from 16-byte loads (that
-// source's row start is 16-byte aligned) or from scalar loads (any other alignment); the alignment is decided per
-// source and per row. The 32 lanes of a warp are merged by a fixed shuffle tree, then the tpr / 32 warps of the row
-// by a second fixed tree. All arithmetic uses explicitly rounded intrinsics and ex2.approx (exp_approx), so a
-// row's outputs are bitwise functions of its two rows, V, the two dtypes, inv_t and reverse only: not of B / T
-// splits, strides, alignment, neighbouring rows or the grid. The backward is elementwise.
+// Batch invariance of the forward: slot j belongs to thread j % tpr of the row's group, which cuts its slots
+// (increasing j) into batches of kKlFwdUnroll (row_slots.h) and folds each batch as: exact maxima of its a and b
+// elements (packed 16-bit maxima of the raw data), scaled once, at most one re-base, then the pairs in slot order,
+// element order. The 32 lanes of a warp are merged by a fixed shuffle tree, then the tpr / 32 warps of the row by
+// a second fixed tree. All arithmetic uses explicitly rounded intrinsics and ex2.approx (exp_approx), so a row's
+// outputs are bitwise functions of its two rows, V, the two dtypes, inv_t and reverse only: not of B / T splits,
+// strides, alignment, neighbouring rows or the grid. The backward is elementwise.
+//
+// Loads: every slot of both sources is read with aligned 16-byte loads whatever the row starts' alignment
+// (RowSource, row_slots.h). Rows whose two starts are 16-byte aligned use a body with the alignment known at
+// compile time; any other pair of alignments one body with the shift of each source read at run time (word
+// selects + funnel shifts), which assembles the same slot values, hence bitwise the same results. When every row
+// of both sources is aligned (uniform_row_shift) the launcher runs a kernel holding the aligned body only. The loads of
+// batch k + 1 are in flight while batch k is folded.
 #ifndef RLHF_CUDA_KL_CUH_
 #define RLHF_CUDA_KL_CUH_
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -57,9 +67,11 @@ inline constexpr int kKlSlot = 8;                 // elements per slot, for ever
 inline constexpr int kKlMaxThreadsPerRow = 512;   // also the largest block
 inline constexpr int kKlMinBlock = 128;           // small rows are packed until a block has this many threads
 inline constexpr int kKlSlotsPerThread = 8;       // tpr grows until each thread has at most this many slots
-// 16-byte loads issued per thread before any arithmetic (64 bytes; 1024 threads per SM then request 64 KiB).
-// 8 would need ~120 registers for two 16-bit sources (the scaled values of every slot in flight are live).
+// Backward: 16-byte loads issued per thread before any arithmetic (64 bytes).
 inline constexpr int kKlLoadsInFlight = 4;
+// Forward: slots per batch (part of the reduction order, the same for every dtype pair and alignment). One slot of
+// both sources is 2 (16-bit) to 4 (fp32) 16-byte loads, and two batches of load registers are live.
+inline constexpr int kKlFwdUnroll = 1;
 inline constexpr int kKlMinBlocksPerSm = 2;       // caps registers at 64: two 512-thread blocks per SM
 inline constexpr int kKlBwdBatches = 4;           // backward: batches of U slots per thread and chunk
 inline constexpr int64_t kKlMaxVocab = int64_t(1) << 30;  // in-row indices are int32
@@ -68,8 +80,8 @@ inline constexpr int64_t kKlMaxVocab = int64_t(1) << 30;  // in-row indices are 
 template <typename T>
 inline constexpr int kKlVecsPerSlot = kKlSlot / ElemTraits<T>::kVec;
 
-// Slots per thread in flight (U): as many as fit in kKlLoadsInFlight 16-byte loads of the two sources, at least
-// one (2 for two 16-bit sources, 1 otherwise). U only groups loads: it never changes the order of the arithmetic.
+// Backward: slots per thread in flight (U), as many as fit in kKlLoadsInFlight 16-byte loads of the two sources,
+// at least one (2 for two 16-bit sources, 1 otherwise).
 template <typename TA, typename TB>
 inline constexpr int kKlUnroll =
     kKlLoadsInFlight / (kKlVecsPerSlot<TA> + kKlVecsPerSlot<TB>) > 0
@@ -122,89 +134,64 @@ __device__ __forceinline__ void kl_slot_scaled(const uint4 (&v)[kKlVecsPerSlot<T
   }
 }
 
-// The partial last slot (n < kKlSlot elements at x) by scalar loads, on every path; z[i] = 0 for i >= n.
-template <typename T>
-__device__ __forceinline__ void kl_tail_scaled(const typename ElemTraits<T>::raw_t* x, int n, float inv_t,
-                                               float (&z)[kKlSlot]) {
-#pragma unroll
-  for (int i = 0; i < kKlSlot; ++i) z[i] = i < n ? __fmul_rn(ElemTraits<T>::to_float(ld_cached(x + i)), inv_t) : 0.f;
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Online state of one (part of a) row: maxima m_a, m_b, sums s_a = sum e^(a - m_a), s_b = sum e^(b - m_b),
-// t = sum e^(a - m_a) ((a - m_a) - (b - m_b)), and bad != 0 once a non-finite scaled value was seen.
-// Empty state: m = -inf, s = t = 0, bad = 0. A state that has seen a finite element has s_a >= 1 (its maximum
-// contributes e^0 = 1, and a rescale is always followed by the slot holding the new maximum), so for finite rows
-// s_a == 0 identifies the empty state. In rows with a non-finite value the statistics are unspecified anyway;
-// only bad matters there, and it is OR-ed in every merge, empty operand or not.
+// t = sum e^(a - m_a) ((a - m_a) - (b - m_b)). Empty state: m = -inf, s = t = 0. A state that has seen a finite
+// element has s_a >= 1 (its maximum contributes e^0 = 1 up to rounding of the fma-based difference, and a re-base
+// is always followed by the batch holding the new maximum), so for finite rows s_a == 0 identifies the empty
+// state. Non-finite inputs need no flag: NaN reaches s_a or t; +inf becomes a maximum and then gives inf - inf =
+// NaN; -inf in a gives e = 0 and 0 * -inf = NaN in t; -inf in b gives t = +inf (or NaN). Every later step keeps a
+// non-finite t / s non-finite (inf times a positive factor, or NaN), so the row's kl is NaN iff t, s_a or s_b is
+// not finite at the end.
 // ---------------------------------------------------------------------------------------------------------------
 struct KlState {
   float m_a, s_a, m_b, s_b, t;
-  unsigned bad;
 };
 
-__device__ __forceinline__ KlState kl_state_empty() { return {neg_inf_f(), 0.f, neg_inf_f(), 0.f, 0.f, 0u}; }
+__device__ __forceinline__ KlState kl_state_empty() { return {neg_inf_f(), 0.f, neg_inf_f(), 0.f, 0.f}; }
 __device__ __forceinline__ bool kl_state_is_empty(const KlState& st) { return st.s_a == 0.f; }
 
-// Folds one slot (n <= kKlSlot valid pairs a[0..n), b[0..n)) into st: slot maxima, at most one rescale, then
-// one exp_approx per value, elements in increasing order.
-__device__ __forceinline__ void kl_add_slot(KlState& st, const float (&a)[kKlSlot], const float (&b)[kKlSlot],
-                                            int n) {
-  float ca = neg_inf_f(), cb = neg_inf_f();
-  bool finite = true;
-#pragma unroll
-  for (int i = 0; i < kKlSlot; ++i) {
-    if (i < n) {
-      ca = fmaxf(ca, a[i]);
-      cb = fmaxf(cb, b[i]);
-      finite = finite & (fabsf(a[i]) < inf_f()) & (fabsf(b[i]) < inf_f());  // false for NaN and +-inf
-    }
+// Raises the reference maxima to the batch maxima (ca, cb) where larger, re-basing once:
+// da = m_a - m_a', db = m_b - m_b': s_a <- e^da s_a, s_b <- e^db s_b, t <- e^da (t + (da - db) s_a).
+__device__ __forceinline__ void kl_raise_max(KlState& st, float ca, float cb) {
+  const float na = fmaxf(st.m_a, ca), nb = fmaxf(st.m_b, cb);  // a NaN maximum leaves m (the NaN reaches the sums)
+  // The empty state has nothing to re-base (and m = -inf would give NaN).
+  if ((na > st.m_a || nb > st.m_b) && !kl_state_is_empty(st)) {
+    const float da = __fsub_rn(st.m_a, na), db = __fsub_rn(st.m_b, nb);
+    const float ea = exp_approx(da), eb = exp_approx(db);
+    st.t = __fmul_rn(ea, __fmaf_rn(__fsub_rn(da, db), st.s_a, st.t));
+    st.s_a = __fmul_rn(st.s_a, ea);
+    st.s_b = __fmul_rn(st.s_b, eb);
   }
-  st.bad |= finite ? 0u : 1u;
-  if (ca > st.m_a || cb > st.m_b) {
-    const float na = fmaxf(st.m_a, ca), nb = fmaxf(st.m_b, cb);
-    if (!kl_state_is_empty(st)) {  // the empty state has nothing to rescale (and m = -inf would give NaN)
-      const float da = __fsub_rn(st.m_a, na), db = __fsub_rn(st.m_b, nb);
-      const float ea = exp_approx(da), eb = exp_approx(db);
-      st.t = __fmul_rn(ea, __fmaf_rn(__fsub_rn(da, db), st.s_a, st.t));
-      st.s_a = __fmul_rn(st.s_a, ea);
-      st.s_b = __fmul_rn(st.s_b, eb);
-    }
-    st.m_a = na;
-    st.m_b = nb;
-  }
-#pragma unroll
-  for (int i = 0; i < kKlSlot; ++i) {
-    if (i < n) {
-      const float da = __fsub_rn(a[i], st.m_a), db = __fsub_rn(b[i], st.m_b);
-      const float ea = exp_approx(da), eb = exp_approx(db);
-      st.s_a = __fadd_rn(st.s_a, ea);
-      st.s_b = __fadd_rn(st.s_b, eb);
-      st.t = __fmaf_rn(ea, __fsub_rn(da, db), st.t);
-    }
-  }
+  st.m_a = na;
+  st.m_b = nb;
 }
 
-// Merges two states, each rescaled to the common maxima by the rule above. An empty operand is skipped exactly.
+// Folds one pair of logits (xa, xb) into st (maxima already raised; neg_a = -m_a, neg_b = -m_b): the differences
+// x inv_t - m rounded once (fma), one exp_approx each.
+__device__ __forceinline__ void kl_fold(KlState& st, float xa, float xb, float inv_t, float neg_a, float neg_b) {
+  const float da = __fmaf_rn(xa, inv_t, neg_a), db = __fmaf_rn(xb, inv_t, neg_b);
+  const float ea = exp_approx(da), eb = exp_approx(db);
+  st.s_a = __fadd_rn(st.s_a, ea);
+  st.s_b = __fadd_rn(st.s_b, eb);
+  st.t = __fmaf_rn(ea, __fsub_rn(da, db), st.t);
+}
+
+// Merges two states, each re-based to the common maxima by the rule above. An empty operand is skipped exactly.
 __device__ __forceinline__ KlState kl_state_merge(const KlState& x, const KlState& y) {
+  if (kl_state_is_empty(y)) return x;
+  if (kl_state_is_empty(x)) return y;
   KlState r;
-  if (kl_state_is_empty(y)) {
-    r = x;
-  } else if (kl_state_is_empty(x)) {
-    r = y;
-  } else {
-    r.m_a = fmaxf(x.m_a, y.m_a);
-    r.m_b = fmaxf(x.m_b, y.m_b);
-    const float dxa = __fsub_rn(x.m_a, r.m_a), dxb = __fsub_rn(x.m_b, r.m_b);
-    const float dya = __fsub_rn(y.m_a, r.m_a), dyb = __fsub_rn(y.m_b, r.m_b);
-    const float exa = exp_approx(dxa), exb = exp_approx(dxb);
-    const float eya = exp_approx(dya), eyb = exp_approx(dyb);
-    r.s_a = __fadd_rn(__fmul_rn(x.s_a, exa), __fmul_rn(y.s_a, eya));
-    r.s_b = __fadd_rn(__fmul_rn(x.s_b, exb), __fmul_rn(y.s_b, eyb));
-    r.t = __fadd_rn(__fmul_rn(exa, __fmaf_rn(__fsub_rn(dxa, dxb), x.s_a, x.t)),
-                    __fmul_rn(eya, __fmaf_rn(__fsub_rn(dya, dyb), y.s_a, y.t)));
-  }
-  r.bad = x.bad | y.bad;
+  r.m_a = fmaxf(x.m_a, y.m_a);
+  r.m_b = fmaxf(x.m_b, y.m_b);
+  const float dxa = __fsub_rn(x.m_a, r.m_a), dxb = __fsub_rn(x.m_b, r.m_b);
+  const float dya = __fsub_rn(y.m_a, r.m_a), dyb = __fsub_rn(y.m_b, r.m_b);
+  const float exa = exp_approx(dxa), exb = exp_approx(dxb);
+  const float eya = exp_approx(dya), eyb = exp_approx(dyb);
+  r.s_a = __fadd_rn(__fmul_rn(x.s_a, exa), __fmul_rn(y.s_a, eya));
+  r.s_b = __fadd_rn(__fmul_rn(x.s_b, exb), __fmul_rn(y.s_b, eyb));
+  r.t = __fadd_rn(__fmul_rn(exa, __fmaf_rn(__fsub_rn(dxa, dxb), x.s_a, x.t)),
+                  __fmul_rn(eya, __fmaf_rn(__fsub_rn(dya, dyb), y.s_a, y.t)));
   return r;
 }
 
@@ -218,57 +205,164 @@ __device__ __forceinline__ KlState kl_warp_reduce(KlState st) {
     o.m_b = __shfl_down_sync(0xffffffffu, st.m_b, off);
     o.s_b = __shfl_down_sync(0xffffffffu, st.s_b, off);
     o.t = __shfl_down_sync(0xffffffffu, st.t, off);
-    o.bad = __shfl_down_sync(0xffffffffu, st.bad, off);
     st = kl_state_merge(st, o);
   }
   return st;
 }
 
-// Folds this thread's slots of the row pair (slots tid, tid + tpr, ... in increasing order) into st. kAlA / kAlB:
-// the row start of source a / b is 16-byte aligned (vector loads) or not (scalar loads, identical values).
-template <typename TA, typename TB, bool kAlA, bool kAlB>
-__device__ __forceinline__ void kl_accumulate_row(const typename ElemTraits<TA>::raw_t* xa,
-                                                  const typename ElemTraits<TB>::raw_t* xb, int tid, int tpr,
-                                                  int n_v, float inv_t, KlState& st) {
-  constexpr int U = kKlUnroll<TA, TB>;
-  const int n_full = n_v / kKlSlot;  // slots with kKlSlot elements; slot n_full (if V % kKlSlot != 0) is partial
+// Folds this thread's slots of the row pair (slots tid, tid + tpr, ... in increasing order) into a state, by
+// batches of kKlFwdUnroll slots (row_slots.h): per batch the exact maxima of its a and b elements (packed 16-bit
+// maxima on the raw data), scaled once (monotone for inv_t > 0), at most one re-base, then the pairs folded in
+// slot order, element order. The loads of batch k + 1 are in flight while batch k is folded. kShA / kShB: byte
+// offset of the row start past a 16-byte boundary (0), or -1: any offset, read at run time (RowSource).
+template <typename TA, typename TB, int kShA, int kShB>
+__device__ __forceinline__ KlState kl_accumulate_row(const void* xa, const void* xb, int tid, int tpr, int n_v,
+                                                     float inv_t) {
+  using SrcA = RowSource<kShA, kKlVecsPerSlot<TA>>;
+  using SrcB = RowSource<kShB, kKlVecsPerSlot<TB>>;
+  constexpr int U = kKlFwdUnroll;
+  constexpr int NA = SrcA::kChunks, NB = SrcB::kChunks;
+  struct Buf {
+    uint4 a[U][NA], b[U][NB];
+  };
+  KlState st = kl_state_empty();
+  const SrcA src_a(xa);
+  const SrcB src_b(xb);
+  const int n_full = n_v / kKlSlot;
+  const int nbf = thread_batches(tid, tpr, n_full, n_full, U).n_full_batches;
+  int n_tail_slots = 0, part = 0;
+  auto tail_params = [&]() {  // computed after the steady loop (fewer live registers inside it)
+    part = n_v - n_full * kKlSlot;
+    n_tail_slots = thread_batches(tid, tpr, (n_v + kKlSlot - 1) / kKlSlot, n_full, U).n_tail_slots;
+    return n_tail_slots > 0;
+  };
+  auto load_full = [&](Buf& c, int j0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      src_a.load_main(src_a.slot_ptr(j0 + u * tpr), c.a[u]);
+      src_b.load_main(src_b.slot_ptr(j0 + u * tpr), c.b[u]);
+    }
+  };
+  auto load_tail = [&](Buf& c) {  // slots u < n_tail_slots of batch nbf; the last may be partial
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = tid + (nbf * U + u) * tpr;
+      if (u < n_tail_slots) {
+        if (j < n_full) {
+          src_a.load(src_a.slot_ptr(j), c.a[u]);
+          src_b.load(src_b.slot_ptr(j), c.b[u]);
+        } else {
+          src_a.load_partial(src_a.slot_ptr(j), part * static_cast<int>(sizeof(TA)), c.a[u]);
+          src_b.load_partial(src_b.slot_ptr(j), part * static_cast<int>(sizeof(TB)), c.b[u]);
+        }
+      }
+    }
+  };
+  // A batch's slot views and the words of all its elements (for the packed maxima).
+  using ViewA = typename SrcA::View;
+  using ViewB = typename SrcB::View;
+  constexpr int WA = SrcA::kWords, WB = SrcB::kWords;
+  auto views = [&](const Buf& c, ViewA (&va)[U], ViewB (&vb)[U], uint32_t (&wa)[U * WA], uint32_t (&wb)[U * WB]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      va[u] = src_a.view(c.a[u]);
+      vb[u] = src_b.view(c.b[u]);
+      uint32_t ta[WA], tb[WB];
+      src_a.max_words_of(va[u], ta);
+      src_b.max_words_of(vb[u], tb);
+#pragma unroll
+      for (int m = 0; m < WA; ++m) wa[u * WA + m] = ta[m];
+#pragma unroll
+      for (int m = 0; m < WB; ++m) wb[u * WB + m] = tb[m];
+    }
+  };
+  auto fold_full = [&](Buf& c, int j0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // shifted rows only
+      src_a.load_extra(src_a.slot_ptr(j0 + u * tpr), c.a[u]);
+      src_b.load_extra(src_b.slot_ptr(j0 + u * tpr), c.b[u]);
+    }
+    ViewA va[U];
+    ViewB vb[U];
+    uint32_t wa[U * WA], wb[U * WB];
+    views(c, va, vb, wa, wb);
+    kl_raise_max(st, __fmul_rn(max_words<TA>(wa), inv_t), __fmul_rn(max_words<TB>(wb), inv_t));
+    const float neg_a = -st.m_a, neg_b = -st.m_b;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < kKlSlot; ++i)
+        kl_fold(st, src_a.template elem<TA>(va[u], i), src_b.template elem<TB>(vb[u], i), inv_t, neg_a, neg_b);
+  };
+  auto fold_tail = [&](const Buf& c) {  // the same on the valid pairs only
+    ViewA va[U];
+    ViewB vb[U];
+    uint32_t wa[U * WA], wb[U * WB];
+    views(c, va, vb, wa, wb);
+    const int last_n = tid + (nbf * U + n_tail_slots - 1) * tpr < n_full ? kKlSlot : part;
+    auto valid = [&](int u, int i) { return u < n_tail_slots - 1 || (u == n_tail_slots - 1 && i < last_n); };
+    float ma = neg_inf_f(), mb = neg_inf_f();
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < kKlSlot; ++i)
+        if (valid(u, i)) {
+          ma = fmaxf(ma, src_a.template elem<TA>(va[u], i));
+          mb = fmaxf(mb, src_b.template elem<TB>(vb[u], i));
+        }
+    kl_raise_max(st, __fmul_rn(ma, inv_t), __fmul_rn(mb, inv_t));
+    const float neg_a = -st.m_a, neg_b = -st.m_b;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < kKlSlot; ++i)
+        if (valid(u, i))
+          kl_fold(st, src_a.template elem<TA>(va[u], i), src_b.template elem<TB>(vb[u], i), inv_t, neg_a, neg_b);
+  };
+
+  // Buffers p and q take turns (batch k folded while batch k + 1 is in flight); the tail batch's loads (buffer tl)
+  // are in flight while the last full batch is folded. At most two of the three buffers are live at a time.
+  Buf p, q, tl;
+  const int step = U * tpr;
   int j = tid;
-  for (; j + (U - 1) * tpr < n_full; j += U * tpr) {  // U slots of both sources loaded before any arithmetic
-    uint4 va[U][kKlVecsPerSlot<TA>], vb[U][kKlVecsPerSlot<TB>];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      kl_load_slot<TA, kAlA>(xa, j + u * tpr, va[u]);
-      kl_load_slot<TB, kAlB>(xb, j + u * tpr, vb[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float a[kKlSlot], b[kKlSlot];
-      kl_slot_scaled<TA>(va[u], inv_t, a);
-      kl_slot_scaled<TB>(vb[u], inv_t, b);
-      kl_add_slot(st, a, b, kKlSlot);
-    }
+  if (nbf > 0) load_full(p, j);
+  int k = 0;
+  for (; k + 2 < nbf; k += 2) {  // steady state: batches k, k + 1 and k + 2 are all full
+    load_full(q, j + step);
+    fold_full(p, j);
+    load_full(p, j + 2 * step);
+    fold_full(q, j + step);
+    j += 2 * step;
   }
-  for (; j < n_full; j += tpr) {
-    uint4 va[kKlVecsPerSlot<TA>], vb[kKlVecsPerSlot<TB>];
-    kl_load_slot<TA, kAlA>(xa, j, va);
-    kl_load_slot<TB, kAlB>(xb, j, vb);
-    float a[kKlSlot], b[kKlSlot];
-    kl_slot_scaled<TA>(va, inv_t, a);
-    kl_slot_scaled<TB>(vb, inv_t, b);
-    kl_add_slot(st, a, b, kKlSlot);
+  const bool has_tail = tail_params();
+  if (k + 1 < nbf) {  // two full batches left
+    load_full(q, j + step);
+    fold_full(p, j);
+    if (has_tail) load_tail(tl);
+    fold_full(q, j + step);
+  } else if (k < nbf) {  // one full batch left
+    if (has_tail) load_tail(tl);
+    fold_full(p, j);
+  } else if (has_tail) {  // no full batch at all
+    load_tail(tl);
   }
-  const int n_tail = n_v - n_full * kKlSlot;
-  if (n_tail > 0 && j == n_full) {  // this thread owns the partial last slot: scalar loads on every path
-    float a[kKlSlot], b[kKlSlot];
-    kl_tail_scaled<TA>(xa + n_full * kKlSlot, n_tail, inv_t, a);
-    kl_tail_scaled<TB>(xb + n_full * kKlSlot, n_tail, inv_t, b);
-    kl_add_slot(st, a, b, n_tail);
-  }
+  if (has_tail) fold_tail(tl);
+  return st;
 }
 
 // KL(a || b) per row pair. Outputs: kl, and (max, log-normaliser) of source a and of source b.
-template <typename TA, typename TB>
-__global__ void __launch_bounds__(kKlMaxThreadsPerRow, kKlMinBlocksPerSm)
+// kAllAligned: every row start of both sources is 16-byte aligned (the launcher checked it), one loop body; else
+// each row takes the aligned body or the run-time shifted one (same results for the same row either way).
+// Register budget: 64 per thread (two blocks of 512 threads per SM) for the aligned body of rows with a 16-bit
+// input; the per-row-dispatch body (both alignments of each input inlined) and two fp32 rows (twice the bytes per
+// slot in flight) need more than 64 and would spill, so they get 128 (one block per SM; with 512 threads still
+// 32-64 KiB in flight per SM).
+template <typename TA, typename TB, bool kAllAligned>
+inline constexpr int kKlFwdMinBlocks =
+    kAllAligned && (sizeof(TA) < 4 || sizeof(TB) < 4) ? kKlMinBlocksPerSm : 1;
+
+template <typename TA, typename TB, bool kAllAligned>
+__global__ void __launch_bounds__(kKlMaxThreadsPerRow, (kKlFwdMinBlocks<TA, TB, kAllAligned>))
     kl_fwd_kernel(KlInput<TA> src_a, KlInput<TB> src_b, const uint8_t* __restrict__ mask, float* __restrict__ out_kl,
                   float* __restrict__ out_max_a, float* __restrict__ out_log_norm_a, float* __restrict__ out_max_b,
                   float* __restrict__ out_log_norm_b, int64_t n_rows, int n_v, float inv_t, int tpr,
@@ -291,15 +385,12 @@ __global__ void __launch_bounds__(kKlMaxThreadsPerRow, kKlMinBlocksPerSm)
     if (used) {
       const auto* xa = kl_row_ptr(src_a, row);
       const auto* xb = kl_row_ptr(src_b, row);
-      const bool al_a = is_aligned16(xa), al_b = is_aligned16(xb);
-      if (al_a && al_b)
-        kl_accumulate_row<TA, TB, true, true>(xa, xb, tid, tpr, n_v, inv_t, st);
-      else if (al_a)
-        kl_accumulate_row<TA, TB, true, false>(xa, xb, tid, tpr, n_v, inv_t, st);
-      else if (al_b)
-        kl_accumulate_row<TA, TB, false, true>(xa, xb, tid, tpr, n_v, inv_t, st);
+      // Rows with both starts 16-byte aligned take the compile-time path; any other alignment the run-time
+      // shifted path (same slots, same arithmetic: bitwise equal results).
+      if (kAllAligned || (is_aligned16(xa) && is_aligned16(xb)))
+        st = kl_accumulate_row<TA, TB, 0, 0>(xa, xb, tid, tpr, n_v, inv_t);
       else
-        kl_accumulate_row<TA, TB, false, false>(xa, xb, tid, tpr, n_v, inv_t, st);
+        st = kl_accumulate_row<TA, TB, -1, -1>(xa, xb, tid, tpr, n_v, inv_t);
     }
     st = kl_warp_reduce(st);
     if (lane == 0) warp_states[threadIdx.x >> 5] = st;
@@ -315,7 +406,8 @@ __global__ void __launch_bounds__(kKlMaxThreadsPerRow, kKlMinBlocksPerSm)
           log_norm_a = logf(w.s_a);
           log_norm_b = logf(w.s_b);
           const float raw = __fadd_rn(__fdiv_rn(w.t, w.s_a), __fsub_rn(log_norm_b, log_norm_a));
-          kl = w.bad ? nan_f() : raw < 0.f ? 0.f : raw;  // clamps rounding negatives, keeps NaN
+          const bool finite = fabsf(w.t) < inf_f() && fabsf(w.s_a) < inf_f() && fabsf(w.s_b) < inf_f();
+          kl = !finite ? nan_f() : raw < 0.f ? 0.f : raw;  // clamps rounding negatives
         }
         out_kl[row] = kl;
         out_max_a[row] = max_a;
@@ -343,14 +435,26 @@ cudaError_t launch_kl_fwd(KlInput<TL> logits, KlInput<TR> ref, const uint8_t* ma
   const RowLaunch rl = kl_row_launch(n_v);
   const unsigned grid = capped_grid((n_rows + rl.rows_per_block - 1) / rl.rows_per_block);
   const unsigned block = rl.threads_per_row * rl.rows_per_block;
+  auto all_aligned = [&](const auto& in) {
+    return uniform_row_shift(in.data, static_cast<int>(sizeof(*in.data)), n_rows / in.n_t, in.n_t, in.stride_b,
+                             in.stride_t) == 0;
+  };
+  const bool aligned = all_aligned(logits) && all_aligned(ref);
+  auto launch = [&](auto a, auto b, float* max_a, float* ln_a, float* max_b, float* ln_b) {
+    using TA = typename std::remove_pointer_t<decltype(a.data)>;
+    using TB = typename std::remove_pointer_t<decltype(b.data)>;
+    const int tpr = rl.threads_per_row, rpb = rl.rows_per_block, nv = static_cast<int>(n_v);
+    if (aligned)
+      kl_fwd_kernel<std::remove_const_t<TA>, std::remove_const_t<TB>, true><<<grid, block, 0, stream>>>(
+          a, b, mask, kl, max_a, ln_a, max_b, ln_b, n_rows, nv, inv_t, tpr, rpb);
+    else
+      kl_fwd_kernel<std::remove_const_t<TA>, std::remove_const_t<TB>, false><<<grid, block, 0, stream>>>(
+          a, b, mask, kl, max_a, ln_a, max_b, ln_b, n_rows, nv, inv_t, tpr, rpb);
+  };
   if (reverse)  // a = policy, b = reference
-    kl_fwd_kernel<TL, TR><<<grid, block, 0, stream>>>(logits, ref, mask, kl, row_max, log_norm, ref_row_max,
-                                                      ref_log_norm, n_rows, static_cast<int>(n_v), inv_t,
-                                                      rl.threads_per_row, rl.rows_per_block);
+    launch(logits, ref, row_max, log_norm, ref_row_max, ref_log_norm);
   else  // a = reference, b = policy: the statistics come back in (reference, policy) order
-    kl_fwd_kernel<TR, TL><<<grid, block, 0, stream>>>(ref, logits, mask, kl, ref_row_max, ref_log_norm, row_max,
-                                                      log_norm, n_rows, static_cast<int>(n_v), inv_t,
-                                                      rl.threads_per_row, rl.rows_per_block);
+    launch(ref, logits, ref_row_max, ref_log_norm, row_max, log_norm);
   return cudaGetLastError();
 }
 

@@ -6,37 +6,68 @@
 // int64 contiguous; per-row fp32 tensors (B, T) contiguous; the gradient is a contiguous (B, T, V) tensor.
 // Row r = b * T + t starts at logits + b * stride_b + t * stride_t.
 //
-// Forward, per row, with z_v = x_v * inv_temperature (one fp32 rounding), m = max_v z_v, d_v = z_v - m:
+// Forward, per row, with z_v = x_v * inv_temperature, m = max_v z_v (z_m rounded to fp32: the maximum logit times
+// inv_temperature, one rounding) and d_v = x_v * inv_temperature - m rounded ONCE (an fma, exact product):
 //   s = sum_v e^{d_v}, t = sum_v e^{d_v} d_v;  row_max = m, log_norm = log s,
-//   logprob = (z_label - m) - log_norm,  entropy = log_norm - t / s.
+//   logprob = d_label - log_norm,  entropy = log_norm - t / s.
+// (For inv_temperature = 1 the fma equals the previous two-step (z_v - m); otherwise it is the more accurate one.)
 // The log-sum-exp m + log s is never formed: rounding it to fp32 would cost ulp(|m + log s|) of absolute error
 // in every log-prob and every p of the backward (large for logits of a few hundred). Every exponential is one
 // ex2.approx of the small difference d * log2(e) (exp_approx), never of z and m prescaled separately.
+// inv_temperature must be > 0 (the public op checks temperature > 0): the maximum is taken on the raw logits and
+// scaled once, which equals the maximum of the scaled logits because rounding is monotone.
 // Special rows: label == ignore_index -> the row is not read, logprob = entropy = row_max = log_norm = 0 (the op
 // table's convention, rlhf_kernels/_registry.py); label outside [0, V) -> logprob = NaN; a NaN or +-inf logit
 // makes the row's entropy sum t NaN -> logprob = entropy = NaN.
 //
-// Backward, per element: lp_v = (z_v - m) - log_norm (in this order), p_v = e^{lp_v},
+// Backward, per element: lp_v = d_v - log_norm (d_v by the same fma), p_v = e^{lp_v},
 //   g_z = -p_v (g_lp + g_H (lp_v + H)) + [v == label] g_lp,  grad = g_z * inv_temperature.
 //
 // Work split (the "launch rule", a function of V and the element size only, see logprobs_row_launch):
 //   threads_per_row (tpr) = smallest power of two in [32, 512] with tpr * 8 >= ceil(V / VEC), VEC = 16 / sizeof(T);
 //   rows_per_block = max(1, 128 / tpr); block = tpr * rows_per_block; 1-D grid over row groups (grid-stride).
 //
-// Batch invariance of the forward: the row is cut into "slots" of VEC consecutive elements, slot j covering
-// [j * VEC, min(j * VEC + VEC, V)). Slot j belongs to thread j % tpr of the row's group, and each thread folds
-// its slots into its running state in increasing j, one slot at a time, with the same arithmetic whether the
-// slot was fetched by one 16-byte load (row start 16-byte aligned) or by VEC scalar loads (any other
-// alignment). The 32 lanes of a warp are then merged by a fixed shuffle tree, and the tpr / 32 warps of the row
-// by a second fixed shuffle tree. All arithmetic uses explicitly rounded intrinsics (no contraction left to the
-// compiler) and ex2.approx, so a row's outputs are bitwise functions of (its contents, V, dtype,
-// inv_temperature, ignore_index) only: not of B, T, strides, alignment or neighbouring rows.
+// Batch invariance of the forward. The row is cut into "slots" of VEC consecutive elements, slot j covering
+// [j * VEC, min(j * VEC + VEC, V)) relative to the row start. Slot j belongs to thread j % tpr of the row's group.
+// Each thread cuts its slots (increasing j) into batches of U = kLogprobsUnroll consecutive ones (row_slots.h:
+// full batches of U full slots, then at most one tail batch with the rest, the row's partial slot last). A batch
+// is folded as: exact maximum of its elements (packed bf16x2 / f16x2 maxima of the raw data, fp32 maxima for
+// fp32), scaled once; at most one re-base of (s, t) if it exceeds m; then its elements in slot order, element
+// order, one exp_approx each. The 32 lanes of a warp are merged by a fixed shuffle tree, then the tpr / 32 warps
+// of the row by a second fixed tree. All arithmetic uses explicitly rounded intrinsics (no contraction left to
+// the compiler) and ex2.approx, and the batches depend on (V, dtype) only, so a row's outputs are bitwise
+// functions of (its contents, V, dtype, inv_temperature, ignore_index): not of B, T, strides, the row start's
+// alignment or neighbouring rows.
+//
+// Loads. Every slot is read with aligned 16-byte loads, whatever the row start's alignment (odd V in 16-bit
+// types, rows of a [:, 1:] slice, ...): a row starting `shift` bytes past a 16-byte boundary reads its slot from
+// two aligned chunks and takes each element in place from their words (RowSource in common.cuh, layout and the
+// no-fault argument in row_slots.h). The elements are exactly the row's, so the arithmetic, hence the result, is
+// the same as for an aligned row. There is one loop body per shift (8 for 16-bit types, 4 for fp32). When all rows
+// share one shift (uniform_row_shift: contiguous rows with V * sizeof(T) % 16 == 0, or a slice that moves them all
+// alike) the launcher runs a kernel holding that body only; otherwise (e.g. odd V in a 16-bit type) a kernel that
+// picks the body per row (its per-row code, outside the loops, then spills a few registers). While batch k is
+// folded, the loads of batch k + 1 are in flight (two register buffers used in turn); the second chunk of a
+// shifted slot is the next slot's first chunk,
+// which its owner has just requested, so it is read when the slot is folded (normally from L1).
+//
+// Small batches (not implemented; the design and its price). With N < 2 x (number of SMs) rows, each row's single
+// group of tpr threads leaves most SMs idle. An exact split over the vocabulary: make the single-group reduction
+// itself a fixed sequence of S segments of the row (S and the segment bounds a function of V only, each segment a
+// whole number of batches per thread), each reduced by the tpr threads to a state and the S states merged in
+// increasing segment order (state_merge). The split launch then reduces segments in separate blocks into an
+// fp32 workspace (3 floats per row and segment) and merges them in the same order (a second small kernel, or the
+// last block of a row, found with an atomic counter per row); the single-block path merges the same states in
+// the same order, so both are bitwise equal. Price: S - 1 extra merges and a shared-memory round per row even on
+// the single-block path (a few hundred instructions per row, < 1% at V = 32k), a workspace of N x S x 12 bytes,
+// and the launcher needing the SM count (cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)) to choose.
 #ifndef RLHF_CUDA_LOGPROBS_CUH_
 #define RLHF_CUDA_LOGPROBS_CUH_
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -45,8 +76,12 @@ namespace rlhf_cuda {
 inline constexpr int kLogprobsMaxThreadsPerRow = 512;      // also the largest block
 inline constexpr int kLogprobsMinBlock = 128;              // small rows are packed until a block has this many threads
 inline constexpr int kLogprobsSlotsPerThread = 8;          // tpr grows until each thread has at most this many slots
-inline constexpr int kLogprobsUnroll = 4;                  // 16-byte loads in flight per thread
-// Caps registers at 64 so that two 512-thread blocks fit per SM (unconstrained, ptxas takes ~78 for the forward,
+// Slots per batch (16-byte loads in flight per thread while the previous batch is folded). Part of the reduction
+// order, so the same for every row start alignment. 2 keeps the steady loops free of spills under the 64-register
+// cap (two batches of load registers are live); 3 and 4 spill inside them.
+inline constexpr int kLogprobsUnroll = 2;
+inline constexpr int kLogprobsBwdUnroll = 4;  // backward: 16-byte slots in flight per thread
+// Caps registers at 64 so that two 512-thread blocks fit per SM (unconstrained, ptxas takes more for the forward,
 // which would leave one block per SM).
 inline constexpr int kLogprobsMinBlocksPerSm = 2;
 inline constexpr int64_t kLogprobsMaxVocab = int64_t(1) << 30;  // in-row indices are int32
@@ -70,33 +105,28 @@ struct SoftmaxState {
 __device__ __forceinline__ SoftmaxState state_empty() { return {neg_inf_f(), 0.f, 0.f}; }
 __device__ __forceinline__ bool state_is_empty(const SoftmaxState& a) { return a.s == 0.f && a.t == 0.f; }
 
-// Folds one slot (n <= VEC valid values z[0..n)) into st: slot maximum, at most one rescale, one ex2 per element.
-template <int VEC>
-__device__ __forceinline__ void state_add_slot(SoftmaxState& st, const float (&z)[VEC], int n) {
-  float cm = neg_inf_f();
-#pragma unroll
-  for (int i = 0; i < VEC; ++i)
-    if (i < n) cm = fmaxf(cm, z[i]);
-  if (cm > st.m) {  // false when cm is NaN (all-NaN slot): the NaN then reaches s and t below
-    if (!state_is_empty(st)) {
-      // Re-base (s, t) from st.m to cm: t' = a (t + dm s), s' = a s with a = e^dm, dm = m - cm < 0.
-      // cm = +inf gives a = 0 and dm = -inf, hence t' = 0 * (-inf) = NaN: rows with +inf stay NaN.
-      const float dm = __fsub_rn(st.m, cm);
-      const float a = exp_approx(dm);
-      st.t = __fmul_rn(a, __fmaf_rn(dm, st.s, st.t));
-      st.s = __fmul_rn(st.s, a);
-    }
-    st.m = cm;
+// Raises st's reference maximum to cm (the maximum of a batch of scaled values) if cm is larger, re-basing
+// (s, t) once: t' = a (t + dm s), s' = a s with a = e^dm, dm = m - cm < 0. An empty state is not re-based (its
+// m = -inf would give NaN). cm = +inf gives a = 0 and dm = -inf, hence t' = 0 * (-inf) = NaN: rows with +inf stay
+// NaN. A NaN cm (all-NaN batch) changes nothing here; the NaN reaches s and t through the elements.
+__device__ __forceinline__ void state_raise_max(SoftmaxState& st, float cm) {
+  const float nm = fmaxf(st.m, cm);  // a NaN cm leaves m
+  if (nm > st.m && !state_is_empty(st)) {
+    const float dm = __fsub_rn(st.m, nm);
+    const float a = exp_approx(dm);
+    st.t = __fmul_rn(a, __fmaf_rn(dm, st.s, st.t));
+    st.s = __fmul_rn(st.s, a);
   }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    if (i < n) {
-      const float d = __fsub_rn(z[i], st.m);  // -inf for a -inf logit -> e = 0, e * d = NaN (by design)
-      const float e = exp_approx(d);
-      st.s = __fadd_rn(st.s, e);
-      st.t = __fmaf_rn(e, d, st.t);
-    }
-  }
+  st.m = nm;
+}
+
+// Folds one logit x into st (st.m already >= x * inv_t; neg_m = -st.m): d = x inv_t - m rounded once (fma),
+// s += e^d, t += e^d d. A -inf logit gives e = 0 and e * d = NaN (by design: the row becomes NaN).
+__device__ __forceinline__ void state_fold(SoftmaxState& st, float x, float inv_t, float neg_m) {
+  const float d = __fmaf_rn(x, inv_t, neg_m);
+  const float e = exp_approx(d);
+  st.s = __fadd_rn(st.s, e);
+  st.t = __fmaf_rn(e, d, st.t);
 }
 
 // Merges two states (each t relative to its own m). Empty operands are skipped exactly, so they can never turn
@@ -127,60 +157,132 @@ __device__ __forceinline__ SoftmaxState warp_reduce_state(SoftmaxState st) {
   return st;
 }
 
-// Loads full slot j of row x as a 16-byte vector (element i of the slot in unpack16 order): one streaming load
-// when the row start is 16-byte aligned (then every full slot is), else VEC scalar loads of the same elements.
-template <typename T, bool kAligned>
-__device__ __forceinline__ uint4 load_slot(const typename ElemTraits<T>::raw_t* x, int j) {
-  return load16<T, kAligned>(x + j * ElemTraits<T>::kVec);
-}
 
-// z[i] = float(element i of slot v) * inv_t, the scaled logits of one full slot.
-template <typename T>
-__device__ __forceinline__ void slot_to_z(const uint4& v, float inv_t, float (&z)[ElemTraits<T>::kVec]) {
-  using Tr = ElemTraits<T>;
-  typename Tr::raw_t raw[Tr::kVec];
-  unpack16(v, raw);
-#pragma unroll
-  for (int i = 0; i < Tr::kVec; ++i) z[i] = __fmul_rn(Tr::to_float(raw[i]), inv_t);
-}
-
-// Folds this thread's slots of row x (slots tid, tid + tpr, ... in increasing order) into st.
-template <typename T, bool kAligned>
-__device__ __forceinline__ void accumulate_row(const typename ElemTraits<T>::raw_t* x, int tid, int tpr, int n_v,
-                                               float inv_t, SoftmaxState& st) {
-  using Tr = ElemTraits<T>;
-  constexpr int VEC = Tr::kVec;
+// Folds this thread's slots of the row at x (slots tid, tid + tpr, ... in increasing order) into st, by batches
+// of U slots (row_slots.h: full batches, then at most one tail batch). Per batch: the exact maximum of its
+// elements (packed 16-bit maxima on the raw data), scaled once (x -> x * inv_t is monotone for inv_t > 0, so this
+// is the maximum of the scaled values), at most one re-base, then the elements folded in slot order, element
+// order.
+// kShift: the row start's byte offset past a 16-byte boundary (slots read from aligned chunks).
+template <typename T, int kShift>
+__device__ __forceinline__ SoftmaxState accumulate_row(const void* x, int tid, int tpr, int n_v, float inv_t) {
+  SoftmaxState st = state_empty();
+  using Src = RowSource<kShift, 1>;
+  constexpr int VEC = ElemTraits<T>::kVec;
+  constexpr int NC = Src::kChunks;
   constexpr int U = kLogprobsUnroll;
-  const int n_full = n_v / VEC;  // slots with VEC elements; slot n_full (if V % VEC != 0) is partial
-  int j = tid;
-  for (; j + (U - 1) * tpr < n_full; j += U * tpr) {  // U loads issued before any arithmetic
-    uint4 v[U];
+  const Src src(x);
+  const int n_full = n_v / VEC;
+  const int nbf = thread_batches(tid, tpr, n_full, n_full, U).n_full_batches;
+  // The tail's parameters are computed after the steady loop (fewer live registers inside it).
+  int n_tail_slots = 0, part = 0;
+  auto tail_params = [&]() {
+    part = n_v - n_full * VEC;  // elements of the partial last slot (0: none)
+    n_tail_slots = thread_batches(tid, tpr, (n_v + VEC - 1) / VEC, n_full, U).n_tail_slots;
+    return n_tail_slots > 0;
+  };
+  // Slot u of a batch whose first slot is j0 is j0 + u * tpr.
+  auto load_full = [&](uint4 (&c)[U][NC], int j0) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = load_slot<T, kAligned>(x, j + u * tpr);
+    for (int u = 0; u < U; ++u) src.load_main(src.slot_ptr(j0 + u * tpr), c[u]);
+  };
+  auto load_tail = [&](uint4 (&c)[U][NC]) {  // slots u < n_tail_slots of batch nbf; the last may be partial
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float z[VEC];
-      slot_to_z<T>(v[u], inv_t, z);
-      state_add_slot(st, z, VEC);
+      const int j = tid + (nbf * U + u) * tpr;
+      if (u < n_tail_slots) {
+        if (j < n_full)
+          src.load(src.slot_ptr(j), c[u]);
+        else
+          src.load_partial(src.slot_ptr(j), part * static_cast<int>(sizeof(T)), c[u]);
+      }
     }
-  }
-  for (; j < n_full; j += tpr) {
-    float z[VEC];
-    slot_to_z<T>(load_slot<T, kAligned>(x, j), inv_t, z);
-    state_add_slot(st, z, VEC);
-  }
-  const int n_tail = n_v - n_full * VEC;
-  if (n_tail > 0 && j == n_full) {  // this thread owns the partial last slot: scalar loads on both paths
-    float z[VEC];
+  };
+  // A batch's slot views and the words of all its elements (for the packed maximum).
+  using View = typename Src::View;
+  auto views = [&](const uint4 (&c)[U][NC], View (&v)[U], uint32_t (&w)[4 * U]) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i)
-      z[i] = i < n_tail ? __fmul_rn(Tr::to_float(ld_cached(x + n_full * VEC + i)), inv_t) : 0.f;
-    state_add_slot(st, z, n_tail);
+    for (int u = 0; u < U; ++u) {
+      v[u] = src.view(c[u]);
+      uint32_t ws[4];
+      src.max_words_of(v[u], ws);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) w[4 * u + m] = ws[m];
+    }
+  };
+  auto fold_full = [&](uint4 (&c)[U][NC], int j0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) src.load_extra(src.slot_ptr(j0 + u * tpr), c[u]);  // shifted rows only
+    View v[U];
+    uint32_t w[4 * U];
+    views(c, v, w);
+    state_raise_max(st, __fmul_rn(max_words<T>(w), inv_t));
+    const float neg_m = -st.m;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) state_fold(st, src.template elem<T>(v[u], i), inv_t, neg_m);
+  };
+  auto fold_tail = [&](const uint4 (&c)[U][NC]) {  // the same on the valid elements only
+    View v[U];
+    uint32_t w[4 * U];
+    views(c, v, w);
+    const int last_n = tid + (nbf * U + n_tail_slots - 1) * tpr < n_full ? VEC : part;
+    auto valid = [&](int u, int i) { return u < n_tail_slots - 1 || (u == n_tail_slots - 1 && i < last_n); };
+    float xm = neg_inf_f();
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        if (valid(u, i)) xm = fmaxf(xm, src.template elem<T>(v[u], i));
+    state_raise_max(st, __fmul_rn(xm, inv_t));
+    const float neg_m = -st.m;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        if (valid(u, i)) state_fold(st, src.template elem<T>(v[u], i), inv_t, neg_m);
+  };
+
+  // Buffers a and b take turns: batch k is folded while batch k + 1 is in flight; the tail batch's loads (buffer
+  // tl) are in flight while the last full batch is folded. At most two of the three buffers are live at a time.
+  // j: first slot of batch k, advanced by one batch (U tpr slots) at a time.
+  uint4 a[U][NC], b[U][NC], tl[U][NC];
+  const int step = U * tpr;
+  int j = tid;
+  if (nbf > 0) load_full(a, j);
+  int k = 0;
+  for (; k + 2 < nbf; k += 2) {  // steady state: batches k, k + 1 and k + 2 are all full
+    load_full(b, j + step);
+    fold_full(a, j);
+    load_full(a, j + 2 * step);
+    fold_full(b, j + step);
+    j += 2 * step;
   }
+  const bool has_tail = tail_params();
+  if (k + 1 < nbf) {  // two full batches left
+    load_full(b, j + step);
+    fold_full(a, j);
+    if (has_tail) load_tail(tl);
+    fold_full(b, j + step);
+  } else if (k < nbf) {  // one full batch left
+    if (has_tail) load_tail(tl);
+    fold_full(a, j);
+  } else if (has_tail) {  // no full batch at all
+    load_tail(tl);
+  }
+  if (has_tail) fold_tail(tl);
+  return st;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksPerSm)
+// kShiftMode >= 0: every row starts kShiftMode bytes past a 16-byte boundary (the launcher checked it), one loop
+// body; kShiftMode = -1: the shift is read per row and one of the bodies taken (rows of differing alignment, e.g.
+// odd V in a 16-bit type). The bodies compute the same thing, so a row's result does not depend on the mode.
+// Register budget: 64 per thread (two blocks of 512 threads per SM) for the one-shift bodies; the per-row dispatch
+// inlines every shift's body and would spill (~400 B per thread per row) at 64, so it gets 128 (one block per
+// SM, 24 KiB in flight per SM with 512 threads: the lower end of what the bandwidth needs, see the SASS report).
+template <typename T, int kShiftMode>
+__global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kShiftMode < 0 ? 1 : kLogprobsMinBlocksPerSm)
     logprobs_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels,
                         float* __restrict__ out_logprobs, float* __restrict__ out_entropy,
                         float* __restrict__ out_row_max, float* __restrict__ out_log_norm, int64_t n_rows,
@@ -204,18 +306,23 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
     const bool valid = row < n_rows;
     SoftmaxState st = state_empty();
     // Every thread of the row reads its label (one cached line per row group): an ignored row is not read at all.
+    // Only two small values stay live across the row: used and the label's logit x_label (NaN when the label is
+    // outside [0, V), which makes the log-prob NaN).
     const int64_t label = valid ? labels[row] : ignore_index;
     const bool used = label != ignore_index;
-    float z_label = 0.f;
+    float x_label = 0.f;
     if (used) {
       const int64_t b = row / n_t;
       const raw_t* x = base + b * stride_b + (row - b * n_t) * stride_t;
-      if (tid == 0 && label >= 0 && label < n_v)  // the thread that writes the outputs reads the label's logit early
-        z_label = __fmul_rn(Tr::to_float(ld_cached(x + label)), inv_temperature);
-      if ((reinterpret_cast<uintptr_t>(x) & 15) == 0)
-        accumulate_row<T, true>(x, tid, tpr, n_v, inv_temperature, st);
-      else
-        accumulate_row<T, false>(x, tid, tpr, n_v, inv_temperature, st);
+      if (tid == 0)  // the thread that writes the outputs reads the label's logit early
+        x_label = label >= 0 && label < n_v ? Tr::to_float(ld_cached(x + label)) : nan_f();
+      if constexpr (kShiftMode >= 0) {
+        st = accumulate_row<T, kShiftMode>(x, tid, tpr, n_v, inv_temperature);
+      } else {  // logits are element-aligned (torch guarantees it): the shift is a multiple of the element size
+        with_shift<sizeof(T)>(static_cast<int>(reinterpret_cast<uintptr_t>(x) & 15), [&](auto shift) {
+          st = accumulate_row<T, decltype(shift)::value>(x, tid, tpr, n_v, inv_temperature);
+        });
+      }
     }
     st = warp_reduce_state(st);
     if (lane == 0) warp_states[threadIdx.x >> 5] = st;
@@ -229,8 +336,9 @@ __global__ void __launch_bounds__(kLogprobsMaxThreadsPerRow, kLogprobsMinBlocksP
         out_row_max[row] = used ? w.m : 0.f;
         out_log_norm[row] = log_norm;
         out_entropy[row] = !used ? 0.f : finite ? __fsub_rn(log_norm, __fdiv_rn(w.t, w.s)) : nan_f();
-        const bool lp_ok = used && finite && label >= 0 && label < n_v;  // else NaN, or 0 for an ignored row
-        out_logprobs[row] = lp_ok ? __fsub_rn(__fsub_rn(z_label, w.m), log_norm) : used ? nan_f() : 0.f;
+        // x_label is NaN for a label outside [0, V), and a non-finite row has w.t NaN: both give NaN.
+        const float d_label = __fmaf_rn(x_label, inv_temperature, -w.m);
+        out_logprobs[row] = !used ? 0.f : finite ? __fsub_rn(d_label, log_norm) : nan_f();
       }
     }
     __syncthreads();  // warp_states is rewritten by the next iteration
@@ -246,13 +354,20 @@ struct GradRow {
 };
 
 __device__ __forceinline__ float grad_elem(float x, int v, const GradRow& g) {
-  // lp_v = (z_v - m) - log_norm: z_v rounded as in the forward, z_v - m exact near the top of the row.
-  const float lp = __fsub_rn(__fsub_rn(__fmul_rn(x, g.inv_t), g.m), g.log_norm);
+  // lp_v = (x_v inv_t - m) - log_norm, the first difference rounded once (fma) as in the forward.
+  const float lp = __fsub_rn(__fmaf_rn(x, g.inv_t, -g.m), g.log_norm);
   const float p = exp_approx(lp);
   const float inner = __fmaf_rn(g.g_h, __fadd_rn(lp, g.h), g.g_lp);
   float gz = -__fmul_rn(p, inner);
   if (v == g.label) gz = __fadd_rn(gz, g.g_lp);
   return __fmul_rn(gz, g.inv_t);
+}
+
+// Loads full slot j of row x as a 16-byte vector (element i of the slot in unpack16 order): one streaming load
+// when x is 16-byte aligned, else VEC scalar loads of the same elements.
+template <typename T, bool kAligned>
+__device__ __forceinline__ uint4 load_slot(const typename ElemTraits<T>::raw_t* x, int j) {
+  return load16<T, kAligned>(x + j * ElemTraits<T>::kVec);
 }
 
 // Body of a gradient row: n_body 16-byte output slots ob[j * VEC ...], j = tid, tid + tpr, ..., with U slots in
@@ -264,7 +379,7 @@ __device__ __forceinline__ void grad_body(const typename ElemTraits<T>::raw_t* x
   using Tr = ElemTraits<T>;
   using raw_t = typename Tr::raw_t;
   constexpr int VEC = Tr::kVec;
-  constexpr int U = kLogprobsUnroll;
+  constexpr int U = kLogprobsBwdUnroll;
   for (int j = tid; j < n_body; j += U * tpr) {
     uint4 v[U];
     if constexpr (!kZero) {
@@ -370,10 +485,17 @@ cudaError_t launch_logprobs_fwd(const T* logits, const int64_t* labels, float* l
   if (n_rows <= 0) return cudaSuccess;
   if (n_v < 1 || n_v > kLogprobsMaxVocab) return cudaErrorInvalidValue;
   const RowLaunch rl = logprobs_row_launch(n_v, ElemTraits<T>::kVec);
-  logprobs_fwd_kernel<T><<<logprobs_grid(n_rows, rl.rows_per_block), rl.threads_per_row * rl.rows_per_block, 0,
-                           stream>>>(logits, labels, logprobs, entropy, row_max, log_norm, n_rows, n_t,
-                                     static_cast<int>(n_v), stride_b, stride_t, inv_temperature, ignore_index,
-                                     rl.threads_per_row, rl.rows_per_block);
+  auto launch = [&](auto mode) {
+    logprobs_fwd_kernel<T, decltype(mode)::value>
+        <<<logprobs_grid(n_rows, rl.rows_per_block), rl.threads_per_row * rl.rows_per_block, 0, stream>>>(
+            logits, labels, logprobs, entropy, row_max, log_norm, n_rows, n_t, static_cast<int>(n_v), stride_b,
+            stride_t, inv_temperature, ignore_index, rl.threads_per_row, rl.rows_per_block);
+  };
+  const int shift = uniform_row_shift(logits, sizeof(T), n_b, n_t, stride_b, stride_t);
+  if (shift < 0)
+    launch(std::integral_constant<int, -1>{});
+  else
+    with_shift_host<sizeof(T)>(shift, launch);
   return cudaGetLastError();
 }
 
