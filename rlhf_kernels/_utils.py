@@ -150,12 +150,16 @@ def rows_3d(x: torch.Tensor) -> torch.Tensor:
 def row_launch_config(V: int, elem_size: int) -> tuple[int, int]:
     """The one launch rule of row-wise Triton kernels: (BLOCK_V, num_warps) from V and the element size only.
 
-    A block holds up to 16 KiB of input (4096 fp32 or 8192 bf16 elements: 16-byte loads, several per thread),
-    so a row of 32k-256k vocab takes 4-64 iterations. Depending only on V and the dtype keeps the reduction
-    order of a row independent of the batch (batch invariance).
+    A block holds up to 16 KiB of input (4096 fp32 or 8192 bf16 elements), so a row of 32k-256k vocab takes 4-64
+    iterations. Blocks of more than 8 KiB get 8 warps, smaller ones 4: a thread of a full block reads 64 bytes
+    (four 16-byte loads). Measured on the forwards compiled for sm_90 (logprobs, kl), whose threads each keep an
+    online state across the blocks: 64 bytes per thread halves the per-block costs (state rescaling, loop) of
+    16 warps x 32 bytes, e.g. bf16 logprobs 7.5 -> 7.1 instructions per element in the main loop, without
+    spills (48 registers; kl with two inputs: 128). Depending only on V and the dtype keeps the reduction order
+    of a row independent of the batch (batch invariance).
     """
     block = min(1 << max(V - 1, 0).bit_length(), 16384 // elem_size)
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    num_warps = 8 if block * elem_size > 8192 else 4
     return block, num_warps
 
 

@@ -195,6 +195,27 @@ def test_batch_invariance_bitwise(backend, dtypes):
     assert torch.equal(kl3[0], full[0][perm])
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "dtypes,V",
+    [((BF16, BF16), 2 * 8192 + 80), ((BF16, BF16), 8195), ((F32, BF16), 3 * 4096 + 4)],
+    ids=["bf16", "bf16-odd", "f32-bf16"],
+)
+def test_layout_never_changes_bits_over_several_blocks(backend, dtypes, V):
+    """Rows longer than a block read with vector loads (bf16 as 32-bit words) or element by element (rows at an
+    odd offset): the same bits."""
+    x = (torch.randn(3, V, device=DEVICE) * 3).to(dtypes[0])
+    y = (torch.randn(3, V, device=DEVICE) * 3).to(dtypes[1])
+    y[1, ::7] += 15.0
+    full = rlhf_kernels.kl_from_logits(x, y, backend=backend)
+    px = torch.zeros(3, V + 3, device=DEVICE, dtype=dtypes[0])
+    py = torch.zeros(3, V + 1, device=DEVICE, dtype=dtypes[1])
+    px[:, 1 : V + 1], py[:, 1:] = x, y
+    assert torch.equal(full, rlhf_kernels.kl_from_logits(px[:, 1 : V + 1], py[:, 1:], backend=backend))
+    assert torch.equal(full[1:2], rlhf_kernels.kl_from_logits(x[1:2], y[1:2], backend=backend))
+    assert (full - reference.kl_from_logits(x.double(), y.double())).abs().max() < 1e-3
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_finite_rows_are_nan_and_isolated(backend):
     x = torch.randn(7, 300, device=DEVICE)

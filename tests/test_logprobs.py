@@ -6,6 +6,7 @@ from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_
 
 import rlhf_kernels
 from rlhf_kernels import reference
+from rlhf_kernels.ops.logprobs import packed_rows, row_tile
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -151,6 +152,32 @@ def test_batch_invariance_bitwise(backend, dtype):
     big[1, :37, 1 : V + 1] = batch[perm]
     lp3 = rlhf_kernels.logprobs(big[1:, :37, 1 : V + 1], y[perm][None], backend=backend)
     assert torch.equal(lp3[0], full[0][perm])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,V",
+    [(torch.bfloat16, 2 * 8192 + 80), (torch.bfloat16, 8193), (torch.float32, 3 * 4096 + 4), (torch.float32, 4101)],
+)
+def test_layout_never_changes_bits_over_several_blocks(backend, dtype, V):
+    """Rows longer than a block read with vector loads (V * element size a multiple of 16; bf16 as 32-bit words)
+    or element by element (rows at an odd offset): the same bits, and the same as the row alone."""
+    x = (torch.randn(3, V, device=DEVICE) * 3).to(dtype)
+    x[1, ::5] += 20.0  # the maxima move from block to block
+    y = torch.randint(0, V, (3,), device=DEVICE)
+    full = rlhf_kernels.logprobs(x, y, return_entropy=True, backend=backend)
+    padded = torch.zeros(3, V + 3, device=DEVICE, dtype=dtype)
+    padded[:, 1 : V + 1] = x  # rows at an odd element offset and odd stride
+    shifted = rlhf_kernels.logprobs(padded[:, 1 : V + 1], y, return_entropy=True, backend=backend)
+    vec = row_tile(V, x.element_size())[0]["VEC"]
+    assert packed_rows(x[None], vec) == (dtype == torch.bfloat16 and vec > 1)
+    assert not packed_rows(padded[None, :, 1 : V + 1], vec)
+    alone = rlhf_kernels.logprobs(x[2:], y[2:], return_entropy=True, backend=backend)
+    for a, b in zip(full, shifted):
+        assert torch.equal(a, b)
+    assert torch.equal(full[0][2:], alone[0]) and torch.equal(full[1][2:], alone[1])
+    ref = reference.logprobs(x.double(), y)[0]
+    assert (full[0] - ref).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

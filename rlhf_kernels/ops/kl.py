@@ -33,6 +33,7 @@ from .._utils import (
     to_output_dtype,
     triton,
 )
+from .logprobs import _exact_sum, _lane_sum, _load_full_block, _tile_offsets, _to_fp32, packed_rows, row_tile
 
 KL_DIRECTIONS = ("reverse", "forward")
 
@@ -42,53 +43,90 @@ KL_DIRECTIONS = ("reverse", "forward")
 
 
 @triton.jit
+def _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, inside, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr,
+              MASKED: tl.constexpr):  # fmt: skip
+    """Adds one (J, G, VEC) block of both rows (input dtypes; -inf where not `inside`) to the group states (G,)."""
+    # max z = round(max x * inv_temp): rounding is monotonic, so the max of the raw logits gives max z exactly.
+    ma_new = tl.maximum(ma, tl.max(tl.max(a, axis=2), axis=0).to(tl.float32) * inv_temp)
+    mb_new = tl.maximum(mb, tl.max(tl.max(b, axis=2), axis=0).to(tl.float32) * inv_temp)
+    # Before a group's first element s == 0 and m == -inf: shift by 0 there, never 0 * inf.
+    sha = tl.where(sa > 0.0, ma - ma_new, 0.0)
+    shb = tl.where(sb > 0.0, mb - mb_new, 0.0)
+    da = _to_fp32(a) * inv_temp - ma_new[None, :, None]
+    db = _to_fp32(b) * inv_temp - mb_new[None, :, None]
+    if MASKED:
+        da = tl.where(inside, da, float("-inf"))  # exp -> 0 past V (also where m_new is still -inf)
+        db = tl.where(inside, db, float("-inf"))
+    ea = tl.exp2(da * 1.4426950408889634)  # exp(da)
+    diff = da - db  # NaN or +-inf wherever either row holds a NaN or +-inf logit
+    if MASKED:
+        diff = tl.where(inside, diff, 0.0)
+    sca = tl.exp2(sha * 1.4426950408889634)
+    t = sca * (t + (sha - shb) * sa) + _lane_sum(ea * diff, J, G, VEC)
+    sa = sa * sca + _lane_sum(ea, J, G, VEC)
+    sb = sb * tl.exp2(shb * 1.4426950408889634) + _lane_sum(tl.exp2(db * 1.4426950408889634), J, G, VEC)
+    return ma_new, sa, mb_new, sb, t
+
+
+@triton.jit
+def _to_row_nat(m, s):
+    """The row's max and each group's shift and scale e^shift to it (shift 0 for groups that saw no element)."""
+    row_max = tl.max(m, axis=0)
+    shift = tl.where(s > 0.0, m - row_max, 0.0)
+    return row_max, shift, tl.exp2(shift * 1.4426950408889634)
+
+
+@triton.jit
 def _kl_fwd_kernel(
     a_ptr, b_ptr, mask_ptr, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr,
     V, T_a, stride_ab, stride_at, T_b, stride_bb, stride_bt, inv_temp,
-    HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED_A: tl.constexpr,
+    PACKED_B: tl.constexpr,
 ):  # fmt: skip
-    # KL(softmax(a) || softmax(b)) of one row; the launcher passes (logits, ref) or (ref, logits).
+    # KL(softmax(a) || softmax(b)) of one row; the launcher passes (logits, ref) or (ref, logits). The row is read
+    # as in the logprobs forward (rlhf_kernels/ops/logprobs.py): lane groups with their own online states, merged
+    # once at the end. Unlike there, exponents stay in natural units (z - m, then one multiplication by log2 e):
+    # the backward's p (log p - log q - kl) cancels terms of the size of the KL, and agrees with this forward
+    # to the last bit only when both compute z - m the same way.
     row = tl.program_id(0).to(tl.int64)
     keep = True
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     if keep:
+        BLOCK: tl.constexpr = J * G * VEC
         ra = row // T_a
         rb = row // T_b
         a_row = a_ptr + ra * stride_ab + (row - ra * T_a) * stride_at  # 64-bit row offsets
         b_row = b_ptr + rb * stride_bb + (row - rb * T_b) * stride_bt
-        m_a = float("-inf")
-        m_b = float("-inf")
-        s_a = 0.0  # sum exp(a - m_a)
-        s_b = 0.0  # sum exp(b - m_b)
-        t = 0.0  # sum exp(a - m_a) ((a - m_a) - (b - m_b))
-        n_bad = 0  # NaN / +-inf logits seen in either row
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            inside = offs < V
-            za = tl.load(a_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            zb = tl.load(b_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            finite = (tl.abs(za) < float("inf")) & (tl.abs(zb) < float("inf"))
-            n_bad += tl.sum(tl.where(inside & (finite == 0), 1, 0), axis=0)
-            ma_new = tl.maximum(m_a, tl.max(za, axis=0))
-            mb_new = tl.maximum(m_b, tl.max(zb, axis=0))
-            # Before the first block s == 0 and m == -inf: shift by 0 there, never 0 * inf.
-            da = tl.where(s_a > 0.0, m_a - ma_new, 0.0)
-            db = tl.where(s_b > 0.0, m_b - mb_new, 0.0)
-            ea_shift = tl.exp(da)
-            da_ = za - ma_new
-            ea = tl.exp(da_)  # 0 past V
-            diff = tl.where(inside, da_ - (zb - mb_new), 0.0)
-            t = ea_shift * (t + (da - db) * s_a) + tl.sum(ea * diff, axis=0)
-            s_a = s_a * ea_shift + tl.sum(ea, axis=0)
-            s_b = s_b * tl.exp(db) + tl.sum(tl.exp(zb - mb_new), axis=0)
-            m_a = ma_new
-            m_b = mb_new
-        log_s_a = tl.log(s_a)
-        log_s_b = tl.log(s_b)
-        kl = t / s_a + (log_s_b - log_s_a)
+        ma = tl.full((G,), float("-inf"), tl.float32)  # per group: running max of z_a,
+        sa = tl.zeros((G,), tl.float32)  # sum exp(z_a - m_a), likewise for b
+        mb = tl.full((G,), float("-inf"), tl.float32)
+        sb = tl.zeros((G,), tl.float32)
+        t = tl.zeros((G,), tl.float32)  # sum exp(z_a - m_a) ((z_a - m_a) - (z_b - m_b))
+        n_full = V // BLOCK
+        for i in range(0, n_full):
+            a = _load_full_block(a_row, i * BLOCK, J, G, VEC, PACKED_A)
+            b = _load_full_block(b_row, i * BLOCK, J, G, VEC, PACKED_B)
+            ma, sa, mb, sb, t = _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, None, J, G, VEC, False)
+        if n_full * BLOCK < V:
+            offs = n_full * BLOCK + _tile_offsets(J, G * VEC)
+            a = tl.reshape(tl.load(a_row + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
+            b = tl.reshape(tl.load(b_row + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
+            inside = tl.reshape(offs < V, (J, G, VEC))
+            if n_full == 0:  # the row is this one block: every group starts from the row's maxima (no rescaling)
+                ma = tl.zeros((G,), tl.float32) + tl.max(a).to(tl.float32) * inv_temp
+                mb = tl.zeros((G,), tl.float32) + tl.max(b).to(tl.float32) * inv_temp
+            ma, sa, mb, sb, t = _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, inside, J, G, VEC, True)
+        finite = tl.max(tl.where(t * 0.0 == 0.0, 0, 1), axis=0) == 0  # t is NaN or +-inf <=> a NaN / +-inf logit
+        m_a, sha, sca = _to_row_nat(ma, sa)
+        m_b, shb, scb = _to_row_nat(mb, sb)
+        t = _exact_sum(sca * (t + (sha - shb) * sa))
+        sa = tl.where(finite, _exact_sum(sa * sca), float("nan"))  # (unspecified statistics for a non-finite row)
+        log_s_a = tl.log(sa)
+        log_s_b = tl.log(tl.where(finite, _exact_sum(sb * scb), float("nan")))
+        kl = t / sa + (log_s_b - log_s_a)
         kl = tl.where(kl < 0.0, 0.0, kl)  # rounding only; NaN stays NaN
-        kl = tl.where(n_bad > 0, float("nan"), kl)
+        kl = tl.where(finite, kl, float("nan"))
         tl.store(kl_ptr + row, kl)
         tl.store(max_a_ptr + row, m_a)
         tl.store(lognorm_a_ptr + row, log_s_a)
@@ -171,11 +209,12 @@ def kl_fwd_triton(logits, ref_logits, mask, inv_temperature: float, reverse: boo
     if n > 0:
         a, b = (logits, ref_logits) if reverse else (ref_logits, logits)
         stats = (m_p, ln_p, m_q, ln_q) if reverse else (m_q, ln_q, m_p, ln_p)
-        block, warps = _block_config(logits, ref_logits)
+        tile, warps = row_tile(logits.shape[2], max(logits.element_size(), ref_logits.element_size()))
         _kl_fwd_kernel[(n,)](
             a, b, mask if mask is not None else kl, kl, *stats,
             logits.shape[2], *_strides(a), *_strides(b), inv_temperature,
-            HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
+            HAS_MASK=mask is not None, **tile, PACKED_A=packed_rows(a, tile["VEC"]),
+            PACKED_B=packed_rows(b, tile["VEC"]), num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return kl, m_p, ln_p, m_q, ln_q
 
@@ -304,7 +343,7 @@ def kl_from_logits(
     reverse = check_direction(direction)
     lead = logits.shape[:-1]
     mask = None if mask is None else bool_mask(mask, lead, logits.device)
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, "kl")
     if name == "reference":
         return reference.kl_from_logits(logits, ref_logits, temperature, mask, direction).float()
     x, y = rows_3d(logits), rows_3d(ref_logits.detach())  # (B, T, V) views, no copy for the usual layouts

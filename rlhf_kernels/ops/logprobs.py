@@ -4,8 +4,10 @@ For each row x (V logits) and label y, with z = x / temperature:
     logprob = log softmax(z)[y],  entropy = -sum_v p_v log p_v,  p = softmax(z)
 The forward reads each row once, keeping an online max m, s = sum exp(z - m) and t = sum exp(z - m) (z - m);
 then log p_v = (z_v - m) - log s and entropy = log s - t / s. The log-sum-exp is kept as its two parts m and
-log s (never summed: m + log s would round to ulp(|lse|), ~1e-5 for logits near 100). Only m, log s and the
-entropy (O(N)) are saved; the backward re-reads the logits:
+log s (never summed: m + log s would round to ulp(|lse|), ~1e-5 for logits near 100). The Triton forward keeps
+these per lane group and works in base 2 (exp2 of x * inv_temperature / ln 2 minus a reference, one fma per
+element), see the comment above its kernel. Only m, log s and the entropy (O(N)) are saved; the backward re-reads
+the logits:
     d logprob / dz = onehot(y) - p,   d entropy / dz = -p (log p + entropy).
 """
 
@@ -38,11 +40,145 @@ from .._utils import (
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The forward kernels of logprobs and kl (kl.py imports these helpers) read a row block by block. A block is a
+# (J, G, VEC) tile of positions: lane group g (one per thread) holds J runs of VEC consecutive elements, one
+# 16-byte load each, run j starting at j * G * VEC + g * VEC, so that a warp's loads are contiguous. Each group
+# keeps its own online state across the blocks (max, s = sum of exponentials, t = sum of exponentials times
+# exponents), rescaled once per group and block; the row's groups are merged once, at the end, so the main loop
+# has no shuffles, shared memory or barriers. Full blocks run unmasked; one masked block ends the row.
+#
+# Batch invariance: a row's bits never depend on how the compiler spreads the tile over threads, which changes
+# with the alignment of a launch's pointers and strides (16-byte aligned rows get vector loads). Sums inside a
+# block run in a fixed pairwise order (_lane_sum), the sum over the groups is exact (_exact_sum), maxima are
+# exact in any order, and everything else is elementwise. The tile and num_warps come from V and the dtype only
+# (row_tile).
+#
+# Splitting long rows over several programs when the batch is small (fewer rows than twice the SM count) is not
+# done yet. An exact design: define a row as S segments of SEG blocks (S, SEG from V only); each segment starts
+# from fresh group states, merged into the row's group states elementwise, in segment order, by the online-merge
+# formula (two exponentials per group and segment: ~12 instructions per thread, ~1% of a 4-block segment of
+# ~4 * 230). The split path runs one program per (row, segment), writing its group states to an fp32 workspace
+# (3 * G * 4 bytes = 3 KiB per segment against 64 KiB of bf16 logits for SEG = 4, 5% more traffic), and a second
+# kernel merges them per row in the same order and ends the row as here: bitwise equal to the unsplit path.
+
+
+@triton.jit
+def _tile_offsets(J: tl.constexpr, N: tl.constexpr):
+    """Positions within a block as a (J, N) tile, N = G * VEC: the block's J runs of N elements. Loaded as 2-D
+    (the compiler then keeps the J runs of a thread in registers) and reshaped to (J, G, VEC)."""
+    return tl.arange(0, J)[:, None] * N + tl.arange(0, N)[None, :]
+
+
+@triton.jit
+def _load_full_block(row_ptr, start, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr):
+    """The full block of a row at ``start``: input dtype, or with PACKED (bf16 rows starting 4-byte aligned)
+    loaded as 32-bit words, each split into its two bf16 values widened to fp32 (one instruction per element).
+    Values and positions are the same either way, so the row's results are too."""
+    if PACKED and VEC > 1:  # (the launchers pass PACKED only with an even VEC)
+        words = tl.load(row_ptr.to(tl.pointer_type(tl.uint32)) + start // 2 + _tile_offsets(J, G * VEC // 2))
+        lo = (words << 16).to(tl.float32, bitcast=True)
+        hi = (words & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (J, G, VEC))
+    else:
+        return tl.reshape(tl.load(row_ptr + start + _tile_offsets(J, G * VEC)), (J, G, VEC))
+
+
+@triton.jit
+def _halve(x):
+    """(A, B, 2n) -> (A, B, n): x[..., 2i] + x[..., 2i + 1]."""
+    a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+    return a + b
+
+
+@triton.jit
+def _lane_sum(x, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr):
+    """(J, G, VEC) -> (G,): each group's sum, added pairwise in a fixed order (runs of VEC, then across the J runs),
+    so that the rounding is the same whatever the layout (VEC <= 8, J <= 32)."""
+    if VEC >= 2:
+        x = _halve(x)
+    if VEC >= 4:
+        x = _halve(x)
+    if VEC >= 8:
+        x = _halve(x)
+    x = tl.permute(x, (2, 1, 0))  # (1, G, J)
+    if J >= 2:
+        x = _halve(x)
+    if J >= 4:
+        x = _halve(x)
+    if J >= 8:
+        x = _halve(x)
+    if J >= 16:
+        x = _halve(x)
+    if J >= 32:
+        x = _halve(x)
+    return tl.reshape(x, (G,))
+
+
+@triton.jit
+def _exact_sum(x):
+    """Sum of a 1-D fp32 tensor, independent of the order of the additions: every term is truncated to a multiple
+    of 2^(k - 52), with 2^k above the largest magnitude, and the terms are added exactly as int64 (at most 1024
+    terms below 2^52), then rounded once to fp32. The truncation costs at most (terms) * 2^-51 of the largest
+    term. Non-finite terms count as 0 (the callers flag them)."""
+    x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
+    biased = (tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # max |x| < 2^(biased - 126)
+    k = tl.maximum(biased - 126, -60)
+    up = ((179 - k) << 23).to(tl.float32, bitcast=True)  # 2^(52 - k), exact
+    down = ((k + 75) << 23).to(tl.float32, bitcast=True)  # 2^(k - 52)
+    total = tl.sum((x * up).to(tl.int64), axis=0)
+    return total.to(tl.float32) * down
+
+
+@triton.jit
+def _to_fp32(x):
+    """Widens logits to fp32; bf16 by moving the 16 bits up (one instruction per element, where the compiler's
+    conversion spends two on every second element of a 32-bit register)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _group_max(x, mx, scale2):
+    """Folds a block's (J, G, VEC) logits (input dtype) into each group's max logit ``mx`` (fp32, (G,)); returns it
+    and the group's new reference r = mx * scale2 (rounded once)."""
+    mx_new = tl.maximum(mx, tl.max(tl.max(x, axis=2), axis=0).to(tl.float32))
+    return mx_new, mx_new * scale2
+
+
+@triton.jit
+def _lp_block(x, mx, r, s, t, scale2, inside, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr,
+              MASKED: tl.constexpr):  # fmt: skip
+    """Adds one (J, G, VEC) block of logits (input dtype; -inf where not `inside`) to the group states (G,)."""
+    mx, r_new = _group_max(x, mx, scale2)
+    shift = tl.where(s > 0.0, r - r_new, 0.0)
+    scale = tl.exp2(shift)
+    d = tl.fma(_to_fp32(x), scale2, -r_new[None, :, None])  # x * scale2 - r, rounded once
+    if MASKED:
+        d = tl.where(inside, d, float("-inf"))  # 2^d -> 0 past V (also where r_new is still -inf)
+    e = tl.exp2(d)  # a NaN or +-inf logit makes e * d NaN (inf - inf, 0 * -inf)
+    if MASKED:
+        d = tl.where(inside, d, 0.0)
+    t = scale * (t + shift * s) + _lane_sum(e * d, J, G, VEC)
+    s = s * scale + _lane_sum(e, J, G, VEC)
+    return mx, r_new, s, t
+
+
+@triton.jit
+def _to_row(r, s):
+    """The row's reference (the largest group reference) and each group's shift and scale 2^shift to it; groups
+    that saw no element (s == 0) get shift 0 and add nothing."""
+    ref = tl.max(r, axis=0)
+    shift = tl.where(s > 0.0, r - ref, 0.0)
+    return ref, shift, tl.exp2(shift)
+
+
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, lp_ptr, ent_ptr, max_ptr, lognorm_ptr,
     T, V, stride_b, stride_t, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr,
+    J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -52,34 +188,46 @@ def _logprobs_fwd_kernel(
         tl.store(max_ptr + row, 0.0)
         tl.store(lognorm_ptr + row, 0.0)
     else:
+        BLOCK: tl.constexpr = J * G * VEC
         b = row // T
         base = logits_ptr + b * stride_b + (row - b * T) * stride_t  # 64-bit row offset
-        m = float("-inf")  # running max of z
-        s = 0.0  # sum exp(z - m)
-        t = 0.0  # sum exp(z - m) * (z - m)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            inside = offs < V
-            z = tl.load(base + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # Before the first block s == 0 and m == -inf: use shift 0 there so that 0 * inf never appears.
-            shift = tl.where(s > 0.0, m - m_new, 0.0)
-            scale = tl.exp(shift)
-            d = z - m_new
-            e = tl.exp(d)  # 0 in the padding lanes past V
-            # A NaN or +-inf logit makes e * d NaN (0 * -inf, inf - inf), which marks the row as non-finite.
-            t = scale * (t + shift * s) + tl.sum(e * tl.where(inside, d, 0.0), axis=0)
-            s = s * scale + tl.sum(e, axis=0)
-            m = m_new
+        scale2 = inv_temp * 1.4426950408889634  # z2 = x * scale2 = z / ln 2: exponentials in base 2
+        mx = tl.full((G,), float("-inf"), tl.float32)  # per group: max logit
+        r = tl.full((G,), float("-inf"), tl.float32)  # reference mx * scale2
+        s = tl.zeros((G,), tl.float32)  # sum 2^(z2 - r)
+        t = tl.zeros((G,), tl.float32)  # sum 2^(z2 - r) (z2 - r)
+        n_full = V // BLOCK
+        for i in range(0, n_full):
+            x = _load_full_block(base, i * BLOCK, J, G, VEC, PACKED)
+            mx, r, s, t = _lp_block(x, mx, r, s, t, scale2, None, J, G, VEC, False)
+        if n_full * BLOCK < V:
+            offs = n_full * BLOCK + _tile_offsets(J, G * VEC)
+            x = tl.reshape(tl.load(base + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
+            inside = tl.reshape(offs < V, (J, G, VEC))
+            mx, r, s, t = _lp_block(x, mx, r, s, t, scale2, inside, J, G, VEC, True)
+        finite = tl.max(tl.where(t == t, 0, 1), axis=0) == 0  # NaN in a group <=> a NaN or +-inf logit
+        x_max = tl.max(mx, axis=0)
+        ref, shift, scale = _to_row(r, s)
+        t = _exact_sum(scale * (t + shift * s))
+        s = _exact_sum(s * scale)
+        s = tl.where(finite, s, float("nan"))  # (unspecified statistics for a non-finite row)
 
+        m = x_max * inv_temp  # max z exactly (rounding is monotonic)
         log_s = tl.log(s)
+        # log sum exp(z - m) = ln 2 log2 sum 2^(z2 - z2_max) = log s - ln 2 (z2_max - ref), z2_max - ref rounded once
+        log_norm = log_s - 0.6931471805599453 * tl.fma(x_max, scale2, -ref)
+        # A one-element row is certain: its log-prob, entropy and log_norm are exactly 0 (the rounding of
+        # x_max * scale2 would otherwise leave ~1e-8 in each).
+        one = V == 1
+        log_norm = tl.where(one, 0.0, log_norm)
         valid = (label >= 0) & (label < V)
         z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-        finite = t == t
-        tl.store(lp_ptr + row, tl.where(valid & finite, (z_label - m) - log_s, float("nan")))
-        tl.store(ent_ptr + row, tl.where(finite, log_s - t / s, float("nan")))
+        tl.store(lp_ptr + row, tl.where(valid & finite, (z_label - m) - log_norm, float("nan")))
+        # entropy = log s - sum e (z - ref) / s for any reference; here z - ref = ln 2 (z2 - ref)
+        ent = tl.where(one, 0.0, log_s - 0.6931471805599453 * (t / s))
+        tl.store(ent_ptr + row, tl.where(finite, ent, float("nan")))
         tl.store(max_ptr + row, m)
-        tl.store(lognorm_ptr + row, log_s)
+        tl.store(lognorm_ptr + row, log_norm)
 
 
 @triton.jit
@@ -116,6 +264,30 @@ def _logprobs_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def row_tile(V: int, elem_size: int) -> tuple[dict[str, int], int]:
+    """The forward kernels' (J, G, VEC) tile and num_warps, from :func:`row_launch_config` (V and dtype only, so
+    a row's reduction order never depends on the batch): VEC elements per 16-byte load, one lane group per
+    thread (G <= 32 * num_warps), J loads per thread and block."""
+    block, warps = row_launch_config(V, elem_size)
+    # Rows of 16-byte multiples are usually 16-byte aligned: VEC elements per 16-byte load. Other rows are read
+    # element by element, and then VEC = 1 keeps each group's elements in one thread's registers whatever the
+    # alignment (a group of VEC > 1 elements would be spread over lanes and regrouped through shared memory).
+    vec = min(16 // elem_size, block) if V * elem_size % 16 == 0 else 1
+    groups = min(32 * warps, block // vec)
+    return {"J": block // (groups * vec), "G": groups, "VEC": vec}, warps
+
+
+def packed_rows(x: torch.Tensor, vec: int) -> bool:
+    """Whether the kernels may read the (B, T, V) rows of ``x`` as 32-bit words (_load_full_block): bf16, an even
+    VEC and every row starting 4-byte aligned. It changes the instructions only, never a result."""
+    return (
+        x.dtype == torch.bfloat16
+        and vec % 2 == 0
+        and x.data_ptr() % 4 == 0
+        and all(stride % 2 == 0 or size == 1 for size, stride in zip(x.shape[:2], x.stride()[:2]))
+    )
+
+
 def _checked_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Checks the layout of the logits and labels; returns the labels contiguous."""
     if logits.dim() != 3 or (logits.stride(2) != 1 and logits.shape[2] > 1):
@@ -133,10 +305,10 @@ def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperat
     B, T, V = logits.shape
     out = [torch.empty((B, T), dtype=torch.float32, device=logits.device) for _ in range(4)]
     if B * T > 0:
-        block, warps = row_launch_config(V, logits.element_size())
+        tile, warps = row_tile(V, logits.element_size())
         _logprobs_fwd_kernel[(B * T,)](
             logits, labels, *out, T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index,
-            BLOCK_V=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
+            **tile, PACKED=packed_rows(logits, tile["VEC"]), num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return tuple(out)
 
@@ -211,7 +383,7 @@ def _logprobs_and_entropy(logits, labels, temperature, ignore_index, backend, ch
         raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.device)
     temperature = check_temperature(temperature)
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, "logprobs")
     if check and not torch.compiler.is_compiling():
         check_label_range(labels, logits.shape[-1], ignore_index)
     if name == "reference":
