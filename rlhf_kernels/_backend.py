@@ -6,7 +6,8 @@ Backends, in order of preference for each device:
     ``triton`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests only: it is slow), never by default.
 
 A call picks a backend with ``backend=`` (highest priority), else the environment variable
-``RLHF_KERNELS_BACKEND``, else the first available one in the order above. Which backends implement each
+``RLHF_KERNELS_BACKEND``, else the first available one in the order above; on CUDA the order of ``triton`` and
+``cuda`` is chosen per op family (``CUDA_DEFAULTS``). Which backends implement each
 low-level op is in the op table, ``rlhf_kernels._registry.OPS`` (``backend_status(device, op=...)``).
 """
 
@@ -85,6 +86,8 @@ def backend_status(device: str | torch.device | None = None, op: str | None = No
     else:
         if dev != "cuda":
             status["cuda"] = "needs CUDA tensors"
+        elif not torch.cuda.is_available():
+            status["cuda"] = "no CUDA device"
         elif not _has_kernel(probe, "CUDA"):
             without = "CUDA sources" if op is None else f"the CUDA kernel of {op}"
             status["cuda"] = f"rlhf_kernels._C was built without {without}"
@@ -109,18 +112,39 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [name for name in BACKENDS if status[name] == "ok"]
 
 
+# The default kernel backend for CUDA tensors, per op family (the kernels an op runs): the first of the pair that
+# is available. Until GPU timings exist this follows the compiled-code figures for sm_90 (registers, spills,
+# occupancy, SASS instructions per element of the main loop: benchmarks/results/sass_sm90.md, made by
+# benchmarks/sass_report.py); the README's "Default backend per op" table states the same choice and the figures.
+CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
+    # bf16 forward 7.06 (Triton) vs 7.78 (CUDA) instructions per element, 62% vs 50% occupancy; both backwards
+    # issue-bound above the H200's bandwidth
+    "logprobs": ("triton", "cuda"),  # logprobs, entropy and the fused-linear log-prob, PPO and DPO heads
+    # bf16 forward 7.81 vs 8.25 per loaded element; both backwards issue-bound above the bandwidth
+    "kl": ("triton", "cuda"),  # kl_from_logits, fused_linear_kl
+    # 52 vs 270 instructions per step: the Triton scan is issue-bound at ~1.5 TB/s, the CUDA one at ~7.7
+    "gae": ("cuda", "triton"),  # gae
+    # 67 / 39 (Triton) vs 73 / 43 (CUDA) per token (policy / value); both far above the bandwidth
+    "ppo_loss": ("triton", "cuda"),  # ppo_policy_loss, ppo_value_loss
+}
+
+
 @torch.compiler.assume_constant_result  # evaluated once while tracing, not traced through
-def resolve_backend(requested: str | None, device: torch.device) -> str:
-    """The backend an op call on ``device`` uses: ``requested``, else $RLHF_KERNELS_BACKEND, else the best one."""
+def resolve_backend(requested: str | None, device: torch.device, family: str | None = None) -> str:
+    """The backend an op call on ``device`` uses: ``requested``, else $RLHF_KERNELS_BACKEND, else the best one
+    (on CUDA: the first available of ``CUDA_DEFAULTS[family]``, then the reference)."""
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
-    return _resolve(name, requested is not None, device.type, triton_interpreted())
+    return _resolve(name, requested is not None, device.type, triton_interpreted(), family)
 
 
 @functools.lru_cache(maxsize=128)  # keyed by everything the answer depends on; errors are not cached
-def _resolve(name: str | None, explicit: bool, device_type: str, interpreted: bool) -> str:
+def _resolve(name: str | None, explicit: bool, device_type: str, interpreted: bool, family: str | None) -> str:
     if name is None:
         status = backend_status(device_type)
-        order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
+        if device_type == "cuda":
+            order = (*CUDA_DEFAULTS.get(family, ("triton", "cuda")), "reference")
+        else:
+            order = ("cpu", "reference")
         return next(b for b in order if status[b] == "ok")
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(BACKENDS)}")

@@ -4,7 +4,9 @@ schemas, backend_status per op, and every @triton.jit function of the package.""
 import ast
 import importlib
 import inspect
+import pathlib
 import pkgutil
+import re
 
 import pytest
 import torch
@@ -131,3 +133,34 @@ def test_every_triton_kernel_is_in_the_table():
     assert not missing, f"@triton.jit functions in no op of rlhf_kernels._registry.OPS: {missing}"
     helpers = {found[obj] for obj in covered - kernels}
     assert {"rlhf_kernels._utils.to_output_dtype", "rlhf_kernels.ops.gae._compose"} <= helpers
+
+
+def test_cuda_default_per_op_family(monkeypatch):
+    """On CUDA the default backend is the first available of CUDA_DEFAULTS[family], then the next, then the
+    reference; every public op names a family of the table."""
+    from rlhf_kernels import _backend
+
+    status = {"triton": "ok", "cuda": "ok", "cpu": "needs CPU tensors", "reference": "ok"}
+    monkeypatch.setattr(_backend, "backend_status", lambda device=None, op=None: dict(status))
+    _backend._resolve.cache_clear()
+    try:
+        for family, (first, second) in _backend.CUDA_DEFAULTS.items():
+            assert {first, second} == {"triton", "cuda"}
+            assert _backend._resolve(None, False, "cuda", False, family) == first
+            status[first] = "not here"
+            _backend._resolve.cache_clear()
+            assert _backend._resolve(None, False, "cuda", False, family) == second
+            status[second] = "not here"
+            _backend._resolve.cache_clear()
+            assert _backend._resolve(None, False, "cuda", False, family) == "reference"
+            status.update(triton="ok", cuda="ok")
+            _backend._resolve.cache_clear()
+        assert _backend._resolve(None, False, "cpu", False, "kl") == "reference"  # cpu "unavailable" above
+    finally:
+        _backend._resolve.cache_clear()
+    ops_dir = pathlib.Path(rlhf_kernels.__file__).parent / "ops"
+    calls = [m for f in sorted(ops_dir.glob("*.py")) for m in re.findall(r"resolve_backend\(([^)]*)\)", f.read_text())]
+    assert calls
+    for args in calls:
+        family = re.fullmatch(r'backend, \w+\.device, "(\w+)"', args.strip())
+        assert family and family.group(1) in _backend.CUDA_DEFAULTS, f"resolve_backend({args}) names no op family"

@@ -206,7 +206,7 @@ def fused_linear_dpo_loss(
         )
     if average_log_prob is None:
         average_log_prob = loss_type in AVERAGED_LOSS_TYPES
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, "logprobs")
     if name == "reference" or compiling:
         token_lp = fused_linear_logprobs(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, backend=name,

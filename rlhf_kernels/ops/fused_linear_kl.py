@@ -128,7 +128,7 @@ def fused_linear_kl(
     check_chunk_size(chunk_size)
     lead = hidden.shape[:-1]
     mask = None if mask is None else bool_mask(mask, lead, hidden.device)
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, "kl")
     if name == "reference":
         with autocast_off(hidden.device):  # the dtype rule (linear_operands): the operands' dtype
             kl = reference.fused_linear_kl(

@@ -105,7 +105,7 @@ def fused_linear_logprobs(
     temperature = check_temperature(temperature)
     check_chunk_size(chunk_size)
     V, H = weight.shape
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, "logprobs")
     if check and not torch.compiler.is_compiling():
         check_label_range(labels, V, ignore_index)
     if name == "reference":

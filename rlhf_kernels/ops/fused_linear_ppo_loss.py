@@ -179,7 +179,7 @@ def fused_linear_ppo_loss(
         raise ValueError("kl_coef is non-zero but ref_logprobs is None: pass the reference log-probs")
     V, H = weight.shape
     y = torch.where(m, labels.to(torch.int64), ignore_index)  # tokens outside the mask are skipped by the kernels
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, "logprobs")
     if check and not torch.compiler.is_compiling():
         check_label_range(y, V, ignore_index)
         require_none(

@@ -188,7 +188,7 @@ def gae(
     """
     m = _check_gae_args(rewards, values, mask, gamma, lam)
     gamma, lam = float(gamma), float(lam)
-    name = resolve_backend(backend, rewards.device)
+    name = resolve_backend(backend, rewards.device, "gae")
     if name == "reference":
         adv, ret = reference.gae(rewards, values, m, gamma, lam)
         adv, ret = adv.float(), ret.float()

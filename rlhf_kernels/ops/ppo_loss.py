@@ -359,7 +359,7 @@ def ppo_policy_loss(
     check_clip(clip_low, clip_high, dual_clip)
     check_agg(agg)
     normalizer = check_normalizer(normalizer, logprobs.device)
-    name = resolve_backend(backend, logprobs.device)
+    name = resolve_backend(backend, logprobs.device, "ppo_loss")
     if name == "reference":
         adv = advantages if advantages.shape == logprobs.shape else advantages.unsqueeze(-1).expand_as(logprobs)
         args = (clip_low, clip_high, dual_clip, agg, normalizer)
@@ -411,7 +411,7 @@ def ppo_value_loss(
         raise ValueError(f"clip must be None or a finite number >= 0, got {clip}")
     check_agg(agg)
     normalizer = check_normalizer(normalizer, values.device)
-    name = resolve_backend(backend, values.device)
+    name = resolve_backend(backend, values.device, "ppo_loss")
     if name == "reference":
         old, ret = (x if x.shape == values.shape else x.unsqueeze(-1).expand_as(values) for x in (old_values, returns))
         return reference.ppo_value_loss(values, old, ret, m, clip, agg, normalizer)
