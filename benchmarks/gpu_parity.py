@@ -14,7 +14,9 @@ Sections (``--only`` picks some; the default runs ``parity`` and ``invariance``)
   the same dtype vs fp64) + atol`` (max norms; the atol of tests/test_logprobs.py), and ignored rows are
   exactly 0 with zero gradient rows.
 * ``invariance``: a row computed alone and inside a large batch (read in place, with NaN-filled ignored rows
-  that must never be read) gives bitwise equal outputs and gradient rows, per backend.
+  that must never be read) gives bitwise equal outputs and gradient rows, per backend. For V > 2 blocks the
+  row alone takes the Triton log-prob forward's split path (fewer rows than twice the SM count) and the batch
+  (>= 524 rows) the one-program path, so this also checks that the two agree bitwise on the GPU.
 * ``large``: one (N, V) tensor with N * V > 2**31 (64-bit offsets): forward and backward of logprobs and of
   the reverse KL; the first, middle and last rows checked against the fp64 reference and the last row
   against itself computed alone. The reference is computed for those rows only.

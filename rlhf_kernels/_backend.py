@@ -117,8 +117,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 # occupancy, SASS instructions per element of the main loop: benchmarks/results/sass_sm90.md, made by
 # benchmarks/sass_report.py); the README's "Default backend per op" table states the same choice and the figures.
 CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
-    # bf16 forward 7.06 (Triton) vs 7.78 (CUDA) instructions per element, 62% vs 50% occupancy; both backwards
-    # issue-bound above the H200's bandwidth
+    # bf16 forward 7.25 (Triton) vs 7.78 (CUDA) instructions per element, and Triton splits rows for small
+    # batches; both backwards issue-bound above the H200's bandwidth
     "logprobs": ("triton", "cuda"),  # logprobs, entropy and the fused-linear log-prob, PPO and DPO heads
     # bf16 forward 7.81 vs 8.25 per loaded element; both backwards issue-bound above the bandwidth
     "kl": ("triton", "cuda"),  # kl_from_logits, fused_linear_kl

@@ -110,7 +110,7 @@ _OP_LIST = [
         ref.logprobs_fwd_examples,
         _OPS + "logprobs",
         "logprobs_fwd_triton",
-        ("_logprobs_fwd_kernel",),
+        ("_logprobs_fwd_kernel", "_logprobs_fwd_merge_kernel", "_logprobs_fwd_split_kernel"),
         reference=ref.logprobs_fwd,
     ),
     OpSpec(

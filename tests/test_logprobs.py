@@ -180,6 +180,65 @@ def test_layout_never_changes_bits_over_several_blocks(backend, dtype, V):
     assert (full[0] - ref).abs().max() < 1e-3
 
 
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize(
+    "dtype,V",
+    [
+        (torch.float32, 3 * 4096),  # segments of 2 blocks: [0, 1], [2]; no masked block
+        (torch.float32, 4 * 4096 + 1),  # the last segment is the masked one-element block alone
+        (torch.float32, 9 * 4096 + 77),  # 5 segments, the last one full + masked
+        (torch.bfloat16, 2 * 8192 + 80),  # 32-bit word loads (packed rows)
+    ],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_split_rows_equal_one_program_bitwise(monkeypatch, dtype, V, inplace):
+    """Small batches split each row over programs (one per segment) and merge the segments in a second kernel;
+    every output is bitwise the one-program kernel's (so a row's bits never depend on the batch size), and
+    ignored and non-finite rows behave the same."""
+    from rlhf_kernels.ops import logprobs as lp_module
+
+    assert lp_module.seg_blocks(V, torch.tensor([], dtype=dtype).element_size()) == 2
+    x = (torch.randn(2, 4, V + 1, device=DEVICE) * 3).to(dtype)
+    x[0, 1, ::9] += 25.0  # maxima in different segments per group
+    x[1, 2, 5] = float("inf")
+    logits = x[:, :, :-1] if inplace else x[:, :, :-1].contiguous()
+    y = torch.randint(0, V, (2, 4), device=DEVICE)
+    y[0, 3] = -100
+    y[1, 0] = V + 3  # out of range: NaN log-prob
+    outs = {}
+    for force in (False, True):
+        monkeypatch.setattr(lp_module, "FORCE_SPLIT", force)
+        outs[force] = torch.ops.rlhf_kernels.logprobs_fwd(logits, y, 1 / 0.9, -100, "triton")
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan())
+    lp, ent, _, _ = outs[True]
+    assert lp[0, 3] == 0 and ent[0, 3] == 0 and lp[1, 0].isnan() and lp[1, 2].isnan() and ent[1, 2].isnan()
+    ok = torch.ones_like(y, dtype=torch.bool)
+    ok[0, 3] = ok[1, 0] = ok[1, 2] = False
+    ref_lp, ref_ent = reference.logprobs(logits.double(), y.clamp(max=V - 1), 0.9)
+    assert (lp - ref_lp)[ok].abs().max() < 1e-3 and (ent - ref_ent)[ok].abs().max() < 1e-3
+
+
+def test_split_rule():
+    """The split path is taken for fewer rows than twice the SM count on CUDA, and only for rows of >= 2
+    segments; never on CPU tensors unless forced."""
+    from rlhf_kernels.ops import logprobs as lp_module
+
+    cuda = torch.device("cuda")
+    orig = lp_module._sm_count
+    try:
+        lp_module._sm_count = lambda device: 132
+        assert lp_module.split_rows(263, 2, cuda) and not lp_module.split_rows(264, 2, cuda)
+        assert not lp_module.split_rows(1, 1, cuda)
+        assert not lp_module.split_rows(1, 8, torch.device("cpu"))
+    finally:
+        lp_module._sm_count = orig
+    # at most 16 segments, each of >= 2 blocks, from V and the dtype only
+    assert lp_module.seg_blocks(256000, 2) == 2 and lp_module.seg_blocks(1_000_000, 2) == 8  # 32, 123 blocks
+    assert lp_module.seg_blocks(600_000, 2) == 8  # 74 blocks: 5 per segment rounded up to a power of two
+    assert lp_module.seg_blocks(100, 4) == 2
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_finite_rows_are_nan_and_isolated(backend):
     x = torch.randn(6, 300, device=DEVICE)

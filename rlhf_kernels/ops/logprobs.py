@@ -53,13 +53,15 @@ from .._utils import (
 # exact in any order, and everything else is elementwise. The tile and num_warps come from V and the dtype only
 # (row_tile).
 #
-# Splitting long rows over several programs when the batch is small (fewer rows than twice the SM count) is not
-# done yet. An exact design: define a row as S segments of SEG blocks (S, SEG from V only); each segment starts
-# from fresh group states, merged into the row's group states elementwise, in segment order, by the online-merge
-# formula (two exponentials per group and segment: ~12 instructions per thread, ~1% of a 4-block segment of
-# ~4 * 230). The split path runs one program per (row, segment), writing its group states to an fp32 workspace
-# (3 * G * 4 bytes = 3 KiB per segment against 64 KiB of bf16 logits for SEG = 4, 5% more traffic), and a second
-# kernel merges them per row in the same order and ends the row as here: bitwise equal to the unsplit path.
+# Small batches: a row is a fixed sequence of segments of SEG blocks (SEG from V and the dtype only, seg_blocks).
+# Each segment starts from fresh group states, and the row's group states are the segments' merged in segment
+# order, elementwise per group (_lp_merge: two exponentials per group and segment). With fewer rows than twice
+# the SM count the launcher runs one program per (row, segment) writing its group states (mx, r, s, t: 4 G floats)
+# to a workspace, and a second kernel merges them per row in the same order with the same function and ends the
+# row as the one-program kernel does (_lp_finish): the same operations on the same values, so a row's results
+# do not depend on which path, hence on the batch. Price: the merge per segment on the one-program path (~12
+# instructions per thread and segment of >= 2 blocks, < 3%), 4 G floats written and read per segment (3% of a
+# 2-block bf16 segment) and a second launch on the split path.
 
 
 @triton.jit
@@ -175,59 +177,186 @@ def _to_row(r, s):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, lp_ptr, ent_ptr, max_ptr, lognorm_ptr,
-    T, V, stride_b, stride_t, inv_temp, ignore_index,
-    J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row)
-    if label == ignore_index:  # an ignored row is not read; all four outputs are 0 (the op table's convention)
-        tl.store(lp_ptr + row, 0.0)
-        tl.store(ent_ptr + row, 0.0)
-        tl.store(max_ptr + row, 0.0)
-        tl.store(lognorm_ptr + row, 0.0)
+def _lp_segment(base, V, k, scale2, LAST: tl.constexpr, SEG: tl.constexpr, J: tl.constexpr, G: tl.constexpr,
+                VEC: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
+    """Group states (mx, r, s, t), each (G,), of segment k of the row at ``base``: its blocks [k SEG, (k + 1) SEG)
+    from fresh states. Only the LAST segment (k = n_seg - 1) may end with the row's masked block; the others are
+    full blocks only (a separate instance without the masked code keeps the loop over segments lean)."""
+    BLOCK: tl.constexpr = J * G * VEC
+    mx = tl.full((G,), float("-inf"), tl.float32)  # per group: max logit
+    r = tl.full((G,), float("-inf"), tl.float32)  # reference mx * scale2
+    s = tl.zeros((G,), tl.float32)  # sum 2^(z2 - r)
+    t = tl.zeros((G,), tl.float32)  # sum 2^(z2 - r) (z2 - r)
+    n_full = V // BLOCK
+    first = k * SEG
+    if LAST:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
+        end = n_full
     else:
-        BLOCK: tl.constexpr = J * G * VEC
-        b = row // T
-        base = logits_ptr + b * stride_b + (row - b * T) * stride_t  # 64-bit row offset
-        scale2 = inv_temp * 1.4426950408889634  # z2 = x * scale2 = z / ln 2: exponentials in base 2
-        mx = tl.full((G,), float("-inf"), tl.float32)  # per group: max logit
-        r = tl.full((G,), float("-inf"), tl.float32)  # reference mx * scale2
-        s = tl.zeros((G,), tl.float32)  # sum 2^(z2 - r)
-        t = tl.zeros((G,), tl.float32)  # sum 2^(z2 - r) (z2 - r)
-        n_full = V // BLOCK
-        for i in range(0, n_full):
-            x = _load_full_block(base, i * BLOCK, J, G, VEC, PACKED)
-            mx, r, s, t = _lp_block(x, mx, r, s, t, scale2, None, J, G, VEC, False)
+        end = first + SEG
+    for i in range(first, end):
+        x = _load_full_block(base, i * BLOCK, J, G, VEC, PACKED)
+        mx, r, s, t = _lp_block(x, mx, r, s, t, scale2, None, J, G, VEC, False)
+    if LAST:  # noqa: SIM102  (constexpr, then a runtime condition)
         if n_full * BLOCK < V:
             offs = n_full * BLOCK + _tile_offsets(J, G * VEC)
             x = tl.reshape(tl.load(base + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
             inside = tl.reshape(offs < V, (J, G, VEC))
             mx, r, s, t = _lp_block(x, mx, r, s, t, scale2, inside, J, G, VEC, True)
-        finite = tl.max(tl.where(t == t, 0, 1), axis=0) == 0  # NaN in a group <=> a NaN or +-inf logit
-        x_max = tl.max(mx, axis=0)
-        ref, shift, scale = _to_row(r, s)
-        t = _exact_sum(scale * (t + shift * s))
-        s = _exact_sum(s * scale)
-        s = tl.where(finite, s, float("nan"))  # (unspecified statistics for a non-finite row)
+    return mx, r, s, t
 
-        m = x_max * inv_temp  # max z exactly (rounding is monotonic)
-        log_s = tl.log(s)
-        # log sum exp(z - m) = ln 2 log2 sum 2^(z2 - z2_max) = log s - ln 2 (z2_max - ref), z2_max - ref rounded once
-        log_norm = log_s - 0.6931471805599453 * tl.fma(x_max, scale2, -ref)
-        # A one-element row is certain: its log-prob, entropy and log_norm are exactly 0 (the rounding of
-        # x_max * scale2 would otherwise leave ~1e-8 in each).
-        one = V == 1
-        log_norm = tl.where(one, 0.0, log_norm)
-        valid = (label >= 0) & (label < V)
-        z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-        tl.store(lp_ptr + row, tl.where(valid & finite, (z_label - m) - log_norm, float("nan")))
-        # entropy = log s - sum e (z - ref) / s for any reference; here z - ref = ln 2 (z2 - ref)
-        ent = tl.where(one, 0.0, log_s - 0.6931471805599453 * (t / s))
-        tl.store(ent_ptr + row, tl.where(finite, ent, float("nan")))
-        tl.store(max_ptr + row, m)
-        tl.store(lognorm_ptr + row, log_norm)
+
+@triton.jit
+def _lp_merge(mx_a, r_a, s_a, t_a, mx_b, r_b, s_b, t_b):
+    """Group states a and b merged elementwise (b after a), to the larger reference; every product-sum is an
+    explicit fma so that both paths round alike. Merging into empty states (r = -inf, s = t = 0) is exact."""
+    r = tl.maximum(r_a, r_b)
+    sh_a = tl.where(s_a > 0.0, r_a - r, 0.0)
+    sh_b = tl.where(s_b > 0.0, r_b - r, 0.0)
+    c_a = tl.exp2(sh_a)
+    c_b = tl.exp2(sh_b)
+    s = tl.fma(s_a, c_a, s_b * c_b)
+    t = tl.fma(c_a, tl.fma(sh_a, s_a, t_a), c_b * tl.fma(sh_b, s_b, t_b))
+    return tl.maximum(mx_a, mx_b), r, s, t
+
+
+@triton.jit
+def _lp_finish(base, row, label, V, inv_temp, scale2, mx, r, s, t, lp_ptr, ent_ptr, max_ptr, lognorm_ptr):
+    """Ends a used row from its merged group states: the four outputs."""
+    finite = tl.max(tl.where(t == t, 0, 1), axis=0) == 0  # NaN in a group <=> a NaN or +-inf logit
+    x_max = tl.max(mx, axis=0)
+    ref, shift, scale = _to_row(r, s)
+    t = _exact_sum(scale * (t + shift * s))
+    s = _exact_sum(s * scale)
+    s = tl.where(finite, s, float("nan"))  # (unspecified statistics for a non-finite row)
+
+    m = x_max * inv_temp  # max z exactly (rounding is monotonic)
+    log_s = tl.log(s)
+    # log sum exp(z - m) = ln 2 log2 sum 2^(z2 - z2_max) = log s - ln 2 (z2_max - ref), z2_max - ref rounded once
+    log_norm = log_s - 0.6931471805599453 * tl.fma(x_max, scale2, -ref)
+    # A one-element row is certain: its log-prob, entropy and log_norm are exactly 0 (the rounding of
+    # x_max * scale2 would otherwise leave ~1e-8 in each).
+    one = V == 1
+    log_norm = tl.where(one, 0.0, log_norm)
+    valid = (label >= 0) & (label < V)
+    z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
+    tl.store(lp_ptr + row, tl.where(valid & finite, (z_label - m) - log_norm, float("nan")))
+    # entropy = log s - sum e (z - ref) / s for any reference; here z - ref = ln 2 (z2 - ref)
+    ent = tl.where(one, 0.0, log_s - 0.6931471805599453 * (t / s))
+    tl.store(ent_ptr + row, tl.where(finite, ent, float("nan")))
+    tl.store(max_ptr + row, m)
+    tl.store(lognorm_ptr + row, log_norm)
+
+
+@triton.jit
+def _lp_ignored(row, lp_ptr, ent_ptr, max_ptr, lognorm_ptr):
+    """An ignored row is not read; all four outputs are 0 (the op table's convention)."""
+    tl.store(lp_ptr + row, 0.0)
+    tl.store(ent_ptr + row, 0.0)
+    tl.store(max_ptr + row, 0.0)
+    tl.store(lognorm_ptr + row, 0.0)
+
+
+@triton.jit
+def _row_base(logits_ptr, row, T, stride_b, stride_t):
+    b = row // T
+    return logits_ptr + b * stride_b + (row - b * T) * stride_t  # 64-bit row offset
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, lp_ptr, ent_ptr, max_ptr, lognorm_ptr,
+    T, V, stride_b, stride_t, inv_temp, ignore_index,
+    SEG: tl.constexpr, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
+):  # fmt: skip
+    # One program per row: its segments in order, each merged into the row's group states.
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        _lp_ignored(row, lp_ptr, ent_ptr, max_ptr, lognorm_ptr)
+    else:
+        base = _row_base(logits_ptr, row, T, stride_b, stride_t)
+        scale2 = inv_temp * 1.4426950408889634  # z2 = x * scale2 = z / ln 2: exponentials in base 2
+        mx = tl.full((G,), float("-inf"), tl.float32)
+        r = tl.full((G,), float("-inf"), tl.float32)
+        s = tl.zeros((G,), tl.float32)
+        t = tl.zeros((G,), tl.float32)
+        # the segments' blocks in one loop: the segment's states are merged and reset after its last block (the
+        # same operations as _lp_segment then _lp_merge per segment, as the split path runs them)
+        BLOCK: tl.constexpr = J * G * VEC
+        mx_k = tl.full((G,), float("-inf"), tl.float32)
+        r_k = tl.full((G,), float("-inf"), tl.float32)
+        s_k = tl.zeros((G,), tl.float32)
+        t_k = tl.zeros((G,), tl.float32)
+        n_full = V // BLOCK
+        for i in range(0, n_full):
+            x = _load_full_block(base, i * BLOCK, J, G, VEC, PACKED)
+            mx_k, r_k, s_k, t_k = _lp_block(x, mx_k, r_k, s_k, t_k, scale2, None, J, G, VEC, False)
+            if ((i + 1) & (SEG - 1)) == 0:  # SEG is a power of two
+                mx, r, s, t = _lp_merge(mx, r, s, t, mx_k, r_k, s_k, t_k)
+                mx_k = tl.full((G,), float("-inf"), tl.float32)
+                r_k = tl.full((G,), float("-inf"), tl.float32)
+                s_k = tl.zeros((G,), tl.float32)
+                t_k = tl.zeros((G,), tl.float32)
+        has_tail = n_full * BLOCK < V
+        if has_tail:
+            offs = n_full * BLOCK + _tile_offsets(J, G * VEC)
+            x = tl.reshape(tl.load(base + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
+            inside = tl.reshape(offs < V, (J, G, VEC))
+            mx_k, r_k, s_k, t_k = _lp_block(x, mx_k, r_k, s_k, t_k, scale2, inside, J, G, VEC, True)
+        if has_tail | ((n_full & (SEG - 1)) != 0):  # the last segment, not merged in the loop
+            mx, r, s, t = _lp_merge(mx, r, s, t, mx_k, r_k, s_k, t_k)
+        _lp_finish(base, row, label, V, inv_temp, scale2, mx, r, s, t, lp_ptr, ent_ptr, max_ptr, lognorm_ptr)
+
+
+@triton.jit
+def _logprobs_fwd_split_kernel(
+    logits_ptr, labels_ptr, ws_ptr, T, V, stride_b, stride_t, inv_temp, ignore_index,
+    SEG: tl.constexpr, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
+):  # fmt: skip
+    # Split path, stage 1: program (row, k) writes segment k's group states to ws[row, k] = (mx, r, s, t) x G.
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    label = tl.load(labels_ptr + row)
+    if label != ignore_index:
+        base = _row_base(logits_ptr, row, T, stride_b, stride_t)
+        scale2 = inv_temp * 1.4426950408889634
+        if k < tl.num_programs(1) - 1:
+            mx, r, s, t = _lp_segment(base, V, k, scale2, False, SEG, J, G, VEC, PACKED)
+        else:
+            mx, r, s, t = _lp_segment(base, V, k, scale2, True, SEG, J, G, VEC, PACKED)
+        out = ws_ptr + (row * tl.num_programs(1) + k) * (4 * G) + tl.arange(0, G)
+        tl.store(out, mx)
+        tl.store(out + G, r)
+        tl.store(out + 2 * G, s)
+        tl.store(out + 3 * G, t)
+
+
+@triton.jit
+def _logprobs_fwd_merge_kernel(
+    logits_ptr, labels_ptr, ws_ptr, lp_ptr, ent_ptr, max_ptr, lognorm_ptr,
+    T, V, stride_b, stride_t, inv_temp, ignore_index, n_seg,
+    G: tl.constexpr,
+):  # fmt: skip
+    # Split path, stage 2: one program per row merges ws[row, 0..n_seg) in order and ends the row.
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        _lp_ignored(row, lp_ptr, ent_ptr, max_ptr, lognorm_ptr)
+    else:
+        base = _row_base(logits_ptr, row, T, stride_b, stride_t)
+        scale2 = inv_temp * 1.4426950408889634
+        mx = tl.full((G,), float("-inf"), tl.float32)
+        r = tl.full((G,), float("-inf"), tl.float32)
+        s = tl.zeros((G,), tl.float32)
+        t = tl.zeros((G,), tl.float32)
+        for k in range(0, n_seg):
+            src = ws_ptr + (row * n_seg + k) * (4 * G) + tl.arange(0, G)
+            mx_k = tl.load(src)
+            r_k = tl.load(src + G)
+            s_k = tl.load(src + 2 * G)
+            t_k = tl.load(src + 3 * G)
+            mx, r, s, t = _lp_merge(mx, r, s, t, mx_k, r_k, s_k, t_k)
+        _lp_finish(base, row, label, V, inv_temp, scale2, mx, r, s, t, lp_ptr, ent_ptr, max_ptr, lognorm_ptr)
 
 
 @triton.jit
@@ -300,16 +429,58 @@ def _checked_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return labels.contiguous()
 
 
+def seg_blocks(V: int, elem_size: int) -> int:
+    """Blocks per segment of a forward row (V and the dtype only): a power of two, at least 2 (the merge per
+    segment then costs < 3% on the one-program path), more for long rows so that a row has at most 16 segments."""
+    block, _ = row_launch_config(V, elem_size)
+    n_blocks = (V + block - 1) // block
+    return 1 << (max(2, (n_blocks + 15) // 16) - 1).bit_length()
+
+
+# Split rows over segments when there are fewer rows than SPLIT_ROWS_PER_SM x the SM count (CUDA); None: auto, True
+# / False: always / never (tests; on CPU tensors under the interpreter auto means never).
+SPLIT_ROWS_PER_SM = 2
+FORCE_SPLIT: bool | None = None
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_rows(n_rows: int, n_seg: int, device: torch.device) -> bool:
+    """Whether the forward splits each row over its segments (see the comment above _lp_segment)."""
+    if n_seg < 2:
+        return False
+    if FORCE_SPLIT is not None:
+        return FORCE_SPLIT
+    return device.type == "cuda" and n_rows < SPLIT_ROWS_PER_SM * _sm_count(device)
+
+
 def logprobs_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int):
     labels = _checked_labels(logits, labels)
     B, T, V = logits.shape
     out = [torch.empty((B, T), dtype=torch.float32, device=logits.device) for _ in range(4)]
     if B * T > 0:
         tile, warps = row_tile(V, logits.element_size())
-        _logprobs_fwd_kernel[(B * T,)](
-            logits, labels, *out, T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index,
-            **tile, PACKED=packed_rows(logits, tile["VEC"]), num_warps=warps, enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+        seg = seg_blocks(V, logits.element_size())
+        block = tile["J"] * tile["G"] * tile["VEC"]
+        n_seg = ((V + block - 1) // block + seg - 1) // seg
+        args = (T, V, logits.stride(0), logits.stride(1), inv_temperature, ignore_index)
+        packed = packed_rows(logits, tile["VEC"])
+        if split_rows(B * T, n_seg, logits.device):
+            ws = torch.empty((B * T, n_seg, 4, tile["G"]), dtype=torch.float32, device=logits.device)
+            _logprobs_fwd_split_kernel[(B * T, n_seg)](
+                logits, labels, ws, *args, SEG=seg, **tile, PACKED=packed, num_warps=warps,
+                enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+            _logprobs_fwd_merge_kernel[(B * T,)](
+                logits, labels, ws, *out, *args, n_seg, G=tile["G"], num_warps=warps, enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
+        else:
+            _logprobs_fwd_kernel[(B * T,)](
+                logits, labels, *out, *args, SEG=seg, **tile, PACKED=packed, num_warps=warps,
+                enable_fp_fusion=FP_FUSION,
+            )  # fmt: skip
     return tuple(out)
 
 
