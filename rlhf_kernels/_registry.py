@@ -250,7 +250,22 @@ def implementation(op: str, backend: str) -> Callable[..., Any]:
     loaded, why = load_ext()
     if not loaded or op not in native_op_names():
         raise RuntimeError(f"{op}: backend={backend!r} needs the compiled op {spec.cpp_name}: {why or 'not built'}")
-    return getattr(torch.ops.rlhf_kernels_C, op).default
+    return on_backend_device(op, backend, getattr(torch.ops.rlhf_kernels_C, op).default)
+
+
+def on_backend_device(op: str, backend: str, native: Callable[..., Any]) -> Callable[..., Any]:
+    """The compiled op, refusing tensors on another device type than its backend's: the dispatcher would otherwise
+    run the CPU kernel for ``backend="cuda"`` on CPU tensors (and the reverse) without a word."""
+    want = "cuda" if backend == "cuda" else "cpu"
+
+    @functools.wraps(native)
+    def run(*args: Any) -> Any:
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.device.type != want:
+                raise ValueError(f"{op}: backend={backend!r} runs on {want} tensors, but argument {i} is on {a.device}")
+        return native(*args)
+
+    return run
 
 
 def on_input_device(launcher: Callable[..., Any]) -> Callable[..., Any]:

@@ -164,3 +164,17 @@ def test_cuda_default_per_op_family(monkeypatch):
     for args in calls:
         family = re.fullmatch(r'backend, \w+\.device, "(\w+)"', args.strip())
         assert family and family.group(1) in _backend.CUDA_DEFAULTS, f"resolve_backend({args}) names no op family"
+
+
+@pytest.mark.skipif(not rlhf_kernels._backend.load_ext()[0], reason="rlhf_kernels._C not built")
+def test_low_level_op_refuses_tensors_of_another_device_type():
+    """torch.ops.rlhf_kernels.X(..., "cuda") on CPU tensors is an error naming the argument, not a silent run of
+    the CPU kernel (the dispatcher picks the kernel by the tensors' device)."""
+    x = torch.randn(1, 2, 7)
+    y = torch.zeros(1, 2, dtype=torch.int64)
+    with pytest.raises(
+        ValueError, match=r"logprobs_fwd: backend='cuda' runs on cuda tensors, but argument 0 is on cpu"
+    ):
+        torch.ops.rlhf_kernels.logprobs_fwd(x, y, 1.0, -100, "cuda")
+    lp = torch.ops.rlhf_kernels.logprobs_fwd(x, y, 1.0, -100, "cpu")[0]
+    assert lp.shape == (1, 2)
