@@ -177,6 +177,17 @@ def _to_row(r, s):
 
 
 @triton.jit
+def _lp_empty(G: tl.constexpr):
+    """Empty group states (mx, r, s, t): max logit and reference -inf, sums 0."""
+    return (
+        tl.full((G,), float("-inf"), tl.float32),
+        tl.full((G,), float("-inf"), tl.float32),
+        tl.zeros((G,), tl.float32),
+        tl.zeros((G,), tl.float32),
+    )
+
+
+@triton.jit
 def _lp_segment(base, V, k, scale2, LAST: tl.constexpr, SEG: tl.constexpr, J: tl.constexpr, G: tl.constexpr,
                 VEC: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
     """Group states (mx, r, s, t), each (G,), of segment k of the row at ``base``: its blocks [k SEG, (k + 1) SEG)
@@ -276,27 +287,18 @@ def _logprobs_fwd_kernel(
     else:
         base = _row_base(logits_ptr, row, T, stride_b, stride_t)
         scale2 = inv_temp * 1.4426950408889634  # z2 = x * scale2 = z / ln 2: exponentials in base 2
-        mx = tl.full((G,), float("-inf"), tl.float32)
-        r = tl.full((G,), float("-inf"), tl.float32)
-        s = tl.zeros((G,), tl.float32)
-        t = tl.zeros((G,), tl.float32)
+        mx, r, s, t = _lp_empty(G)
         # the segments' blocks in one loop: the segment's states are merged and reset after its last block (the
         # same operations as _lp_segment then _lp_merge per segment, as the split path runs them)
         BLOCK: tl.constexpr = J * G * VEC
-        mx_k = tl.full((G,), float("-inf"), tl.float32)
-        r_k = tl.full((G,), float("-inf"), tl.float32)
-        s_k = tl.zeros((G,), tl.float32)
-        t_k = tl.zeros((G,), tl.float32)
+        mx_k, r_k, s_k, t_k = _lp_empty(G)
         n_full = V // BLOCK
         for i in range(0, n_full):
             x = _load_full_block(base, i * BLOCK, J, G, VEC, PACKED)
             mx_k, r_k, s_k, t_k = _lp_block(x, mx_k, r_k, s_k, t_k, scale2, None, J, G, VEC, False)
             if ((i + 1) & (SEG - 1)) == 0:  # SEG is a power of two
                 mx, r, s, t = _lp_merge(mx, r, s, t, mx_k, r_k, s_k, t_k)
-                mx_k = tl.full((G,), float("-inf"), tl.float32)
-                r_k = tl.full((G,), float("-inf"), tl.float32)
-                s_k = tl.zeros((G,), tl.float32)
-                t_k = tl.zeros((G,), tl.float32)
+                mx_k, r_k, s_k, t_k = _lp_empty(G)
         has_tail = n_full * BLOCK < V
         if has_tail:
             offs = n_full * BLOCK + _tile_offsets(J, G * VEC)
@@ -345,10 +347,7 @@ def _logprobs_fwd_merge_kernel(
     else:
         base = _row_base(logits_ptr, row, T, stride_b, stride_t)
         scale2 = inv_temp * 1.4426950408889634
-        mx = tl.full((G,), float("-inf"), tl.float32)
-        r = tl.full((G,), float("-inf"), tl.float32)
-        s = tl.zeros((G,), tl.float32)
-        t = tl.zeros((G,), tl.float32)
+        mx, r, s, t = _lp_empty(G)
         for k in range(0, n_seg):
             src = ws_ptr + (row * n_seg + k) * (4 * G) + tl.arange(0, G)
             mx_k = tl.load(src)
