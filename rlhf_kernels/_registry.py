@@ -142,7 +142,7 @@ _OP_LIST = [
         ref.kl_fwd_examples,
         _OPS + "kl",
         "kl_fwd_triton",
-        ("_kl_fwd_kernel",),
+        ("_kl_fwd_kernel", "_kl_fwd_merge_kernel", "_kl_fwd_split_kernel"),
         reference=ref.kl_fwd,
     ),
     OpSpec(

@@ -216,6 +216,81 @@ def test_layout_never_changes_bits_over_several_blocks(backend, dtypes, V):
     assert (full - reference.kl_from_logits(x.double(), y.double())).abs().max() < 1e-3
 
 
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize(
+    "dtypes,V",
+    [
+        ((F32, F32), 3 * 4096),  # segments of 2 blocks: [0, 1], [2]; no masked block
+        ((F32, F32), 4 * 4096 + 1),  # the last segment is the masked one-element block alone
+        ((F32, F32), 9 * 4096 + 77),  # 5 segments, the last one full + masked
+        ((BF16, BF16), 2 * 8192 + 80),  # 32-bit word loads (packed rows)
+        ((BF16, F32), 2 * 4096 + 80),  # mixed dtypes: fp32 blocks (the larger element) for both rows
+    ],
+    ids=["f32-3blocks", "f32-tail-alone", "f32-5segments", "bf16", "bf16-f32"],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_split_rows_equal_one_program_bitwise(monkeypatch, dtypes, V, inplace, direction):
+    """Small batches split each row pair over programs (one per segment) and merge the segments in a second
+    kernel; every output (kl and the four statistics) is bitwise the one-program kernel's, for masked and
+    non-finite rows too, so a row's bits never depend on the batch size."""
+    from rlhf_kernels.ops import logprobs as lp_module
+
+    assert lp_module.seg_blocks(V, max(t.itemsize for t in dtypes)) == 2
+    x = (torch.randn(2, 4, V + 1, device=DEVICE) * 3).to(dtypes[0])
+    y = (torch.randn(2, 4, V + 1, device=DEVICE) * 3).to(dtypes[1])
+    x[0, 1, ::9] += 25.0  # maxima in different segments per group
+    y[0, 1, 4::11] += 20.0
+    y[1, 0, 1:] = x[1, 0, :-1].to(dtypes[1])  # the same row in both (as read below): KL exactly 0
+    x[0, 3, 7] = float("nan")  # masked out: not read
+    x[1, 2, 5] = float("inf")
+    y[0, 2, V - 3] = float("nan")  # in the last segment
+    # in place: the policy at offset 0 and the reference at offset 1 of rows of V + 1 (odd strides)
+    logits = x[:, :, :-1] if inplace else x[:, :, :-1].contiguous()
+    ref_logits = y[:, :, 1:] if inplace else y[:, :, 1:].contiguous()
+    mask = torch.ones(8, dtype=torch.bool, device=DEVICE)
+    mask[3] = False
+    reverse = direction == "reverse"
+    outs = {}
+    for force in (False, True):
+        monkeypatch.setattr(lp_module, "FORCE_SPLIT", force)
+        outs[force] = torch.ops.rlhf_kernels.kl_fwd(logits, ref_logits, mask, 1 / 0.9, reverse, "triton")
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan())
+    kl = outs[True][0]
+    assert all((out[3] == 0).all() for out in outs[True])  # the masked row: every output 0
+    assert kl[[2, 6]].isnan().all() and kl[4] == 0
+    ok = torch.ones(8, dtype=torch.bool, device=DEVICE)
+    ok[[2, 3, 6]] = False
+    ref = torch.ops.rlhf_kernels.kl_fwd(logits.double(), ref_logits.double(), mask, 1 / 0.9, reverse, "reference")
+    for ours, exact in zip(outs[True], ref):
+        assert (ours - exact)[ok].abs().max() < 1e-3
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+def test_split_rule_shared_with_logprobs(monkeypatch):
+    """The KL forward splits by the log-prob forward's rule and switch (rlhf_kernels.ops.logprobs.split_rows,
+    FORCE_SPLIT), with segments from V and the larger element size; one-segment rows never split."""
+    from rlhf_kernels.ops import kl as kl_module
+    from rlhf_kernels.ops import logprobs as lp_module
+
+    assert kl_module.split_rows is lp_module.split_rows
+    seen = []
+
+    def spy(n_rows, n_seg, device):
+        seen.append((n_rows, n_seg))
+        return lp_module.split_rows(n_rows, n_seg, device)
+
+    monkeypatch.setattr(kl_module, "split_rows", spy)
+    monkeypatch.setattr(lp_module, "FORCE_SPLIT", True)
+    for dtypes, V, n_seg in [((BF16, BF16), 70_001, 5), ((BF16, F32), 70_001, 9), ((F32, F32), 5003, 1)]:
+        x = torch.randn(1, 2, V, device=DEVICE).to(dtypes[0])
+        y = torch.randn(1, 2, V, device=DEVICE).to(dtypes[1])
+        kl = torch.ops.rlhf_kernels.kl_fwd(x, y, None, 1.0, True, "triton")[0]
+        assert seen[-1] == (2, n_seg)  # 9 bf16 blocks of 8192 / 18 fp32 blocks of 4096 in segments of 2
+        assert (kl - reference.kl_from_logits(x.double(), y.double())).abs().max() < 1e-3
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_finite_rows_are_nan_and_isolated(backend):
     x = torch.randn(7, 300, device=DEVICE)

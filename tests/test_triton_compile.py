@@ -57,7 +57,7 @@ import rlhf_kernels.ops.logprobs as lp_module  # noqa: E402
 
 for op, spec in OPS.items():
     if spec.triton is not None:
-        for force_split in (False, True):  # both paths of the log-prob forward (split rows for small batches)
+        for force_split in (False, True):  # both paths of the log-prob and KL forwards (split rows, small batches)
             lp_module.FORCE_SPLIT = force_split
             for big in (False, True):
                 for args in spec.examples("cpu", big):

@@ -33,7 +33,18 @@ from .._utils import (
     to_output_dtype,
     triton,
 )
-from .logprobs import _exact_sum, _lane_sum, _load_full_block, _tile_offsets, _to_fp32, packed_rows, row_tile
+from .logprobs import (
+    _exact_sum,
+    _lane_sum,
+    _load_full_block,
+    _row_base,
+    _tile_offsets,
+    _to_fp32,
+    packed_rows,
+    row_tile,
+    seg_blocks,
+    split_rows,
+)
 
 KL_DIRECTIONS = ("reverse", "forward")
 
@@ -76,12 +87,117 @@ def _to_row_nat(m, s):
     return row_max, shift, tl.exp2(shift * 1.4426950408889634)
 
 
+# Small batches: as in the logprobs forward (see the comment above _tile_offsets in logprobs.py, which also holds
+# the rule: seg_blocks, split_rows), a row is a fixed sequence of segments of SEG blocks, each from fresh group
+# states (_kl_segment), merged into the row's group states elementwise in segment order (_kl_merge: four
+# exponentials per group and segment). The one-program kernel loops over the segments, merging each after its
+# blocks; with fewer rows than twice the SM count the launcher runs one program per (row, segment) writing its
+# group states (ma, sa, mb, sb, t: 5 G floats) to a workspace and a second kernel merges them per row in the same
+# order and ends the row with the same function (_kl_finish), so both paths give the same bits. A row of one
+# block is one segment and never splits (its groups start from the row's maxima, _kl_tail).
+
+
+@triton.jit
+def _kl_empty(G: tl.constexpr):
+    """Fresh group states (ma, sa, mb, sb, t), each (G,): no element seen."""
+    m = tl.full((G,), float("-inf"), tl.float32)
+    zero = tl.zeros((G,), tl.float32)
+    return m, zero, m, zero, zero
+
+
+@triton.jit
+def _kl_tail(a_row, b_row, V, n_full, ma, sa, mb, sb, t, inv_temp, J: tl.constexpr, G: tl.constexpr,
+             VEC: tl.constexpr):  # fmt: skip
+    """Adds the row's masked last block, positions [n_full BLOCK, V), to the group states."""
+    offs = n_full * (J * G * VEC) + _tile_offsets(J, G * VEC)
+    a = tl.reshape(tl.load(a_row + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
+    b = tl.reshape(tl.load(b_row + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
+    inside = tl.reshape(offs < V, (J, G, VEC))
+    if n_full == 0:  # the row is this one block: every group starts from the row's maxima (no rescaling)
+        ma = tl.zeros((G,), tl.float32) + tl.max(a).to(tl.float32) * inv_temp
+        mb = tl.zeros((G,), tl.float32) + tl.max(b).to(tl.float32) * inv_temp
+    return _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, inside, J, G, VEC, True)
+
+
+@triton.jit
+def _kl_segment(a_row, b_row, V, k, inv_temp, LAST: tl.constexpr, SEG: tl.constexpr, J: tl.constexpr,
+                G: tl.constexpr, VEC: tl.constexpr, PACKED_A: tl.constexpr, PACKED_B: tl.constexpr):  # fmt: skip
+    """Group states of segment k of a row pair: its blocks [k SEG, (k + 1) SEG) from fresh states. Only the LAST
+    segment may end with the row's masked block (a split row has >= 2 full blocks, so never the one-block case)."""
+    BLOCK: tl.constexpr = J * G * VEC
+    ma, sa, mb, sb, t = _kl_empty(G)
+    n_full = V // BLOCK
+    first = k * SEG
+    if LAST:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
+        count = n_full - first
+    else:
+        count = SEG  # a constant trip count: with first + SEG as the bound the one-program kernel took more registers
+    for j in range(0, count):
+        a = _load_full_block(a_row, (first + j) * BLOCK, J, G, VEC, PACKED_A)
+        b = _load_full_block(b_row, (first + j) * BLOCK, J, G, VEC, PACKED_B)
+        ma, sa, mb, sb, t = _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, None, J, G, VEC, False)
+    if LAST:  # noqa: SIM102  (constexpr, then a runtime condition)
+        if n_full * BLOCK < V:
+            ma, sa, mb, sb, t = _kl_tail(a_row, b_row, V, n_full, ma, sa, mb, sb, t, inv_temp, J, G, VEC)
+    return ma, sa, mb, sb, t
+
+
+@triton.jit
+def _kl_merge(ma_x, sa_x, mb_x, sb_x, t_x, ma_y, sa_y, mb_y, sb_y, t_y):
+    """Group states x and y merged elementwise (y after x) to the larger maxima. Each state moves to them as
+    _kl_block moves a running state: s_a and t scale by e^sha, t first gains (sha - shb) s_a, s_b scales by e^shb
+    (shift 0 where a state saw no element). Every product-sum is an explicit fma so that both paths round alike;
+    merging into empty states (m = -inf, s = t = 0) is exact."""
+    ma = tl.maximum(ma_x, ma_y)
+    mb = tl.maximum(mb_x, mb_y)
+    sha_x = tl.where(sa_x > 0.0, ma_x - ma, 0.0)
+    sha_y = tl.where(sa_y > 0.0, ma_y - ma, 0.0)
+    shb_x = tl.where(sb_x > 0.0, mb_x - mb, 0.0)
+    shb_y = tl.where(sb_y > 0.0, mb_y - mb, 0.0)
+    ca_x = tl.exp2(sha_x * 1.4426950408889634)
+    ca_y = tl.exp2(sha_y * 1.4426950408889634)
+    sa = tl.fma(sa_x, ca_x, sa_y * ca_y)
+    sb = tl.fma(sb_x, tl.exp2(shb_x * 1.4426950408889634), sb_y * tl.exp2(shb_y * 1.4426950408889634))
+    t = tl.fma(ca_x, tl.fma(sha_x - shb_x, sa_x, t_x), ca_y * tl.fma(sha_y - shb_y, sa_y, t_y))
+    return ma, sa, mb, sb, t
+
+
+@triton.jit
+def _kl_finish(row, ma, sa, mb, sb, t, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr):
+    """Ends a kept row from its merged group states: the KL and the four statistics."""
+    finite = tl.max(tl.where(t * 0.0 == 0.0, 0, 1), axis=0) == 0  # t is NaN or +-inf <=> a NaN / +-inf logit
+    m_a, sha, sca = _to_row_nat(ma, sa)
+    m_b, shb, scb = _to_row_nat(mb, sb)
+    t = _exact_sum(sca * (t + (sha - shb) * sa))
+    sa = tl.where(finite, _exact_sum(sa * sca), float("nan"))  # (unspecified statistics for a non-finite row)
+    log_s_a = tl.log(sa)
+    log_s_b = tl.log(tl.where(finite, _exact_sum(sb * scb), float("nan")))
+    kl = t / sa + (log_s_b - log_s_a)
+    kl = tl.where(kl < 0.0, 0.0, kl)  # rounding only; NaN stays NaN
+    kl = tl.where(finite, kl, float("nan"))
+    tl.store(kl_ptr + row, kl)
+    tl.store(max_a_ptr + row, m_a)
+    tl.store(lognorm_a_ptr + row, log_s_a)
+    tl.store(max_b_ptr + row, m_b)
+    tl.store(lognorm_b_ptr + row, log_s_b)
+
+
+@triton.jit
+def _kl_masked(row, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr):
+    """A masked row is not read; all five outputs are 0 (the op table's convention)."""
+    tl.store(kl_ptr + row, 0.0)
+    tl.store(max_a_ptr + row, 0.0)
+    tl.store(lognorm_a_ptr + row, 0.0)
+    tl.store(max_b_ptr + row, 0.0)
+    tl.store(lognorm_b_ptr + row, 0.0)
+
+
 @triton.jit
 def _kl_fwd_kernel(
     a_ptr, b_ptr, mask_ptr, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr,
     V, T_a, stride_ab, stride_at, T_b, stride_bb, stride_bt, inv_temp,
-    HAS_MASK: tl.constexpr, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr, PACKED_A: tl.constexpr,
-    PACKED_B: tl.constexpr,
+    HAS_MASK: tl.constexpr, SEG: tl.constexpr, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr,
+    PACKED_A: tl.constexpr, PACKED_B: tl.constexpr,
 ):  # fmt: skip
     # KL(softmax(a) || softmax(b)) of one row; the launcher passes (logits, ref) or (ref, logits). The row is read
     # as in the logprobs forward (rlhf_kernels/ops/logprobs.py): lane groups with their own online states, merged
@@ -94,50 +210,85 @@ def _kl_fwd_kernel(
         keep = tl.load(mask_ptr + row) != 0
     if keep:
         BLOCK: tl.constexpr = J * G * VEC
-        ra = row // T_a
-        rb = row // T_b
-        a_row = a_ptr + ra * stride_ab + (row - ra * T_a) * stride_at  # 64-bit row offsets
-        b_row = b_ptr + rb * stride_bb + (row - rb * T_b) * stride_bt
-        ma = tl.full((G,), float("-inf"), tl.float32)  # per group: running max of z_a,
-        sa = tl.zeros((G,), tl.float32)  # sum exp(z_a - m_a), likewise for b
-        mb = tl.full((G,), float("-inf"), tl.float32)
-        sb = tl.zeros((G,), tl.float32)
-        t = tl.zeros((G,), tl.float32)  # sum exp(z_a - m_a) ((z_a - m_a) - (z_b - m_b))
+        a_row = _row_base(a_ptr, row, T_a, stride_ab, stride_at)  # 64-bit row offsets
+        b_row = _row_base(b_ptr, row, T_b, stride_bb, stride_bt)
+        # The row's segments in order, each from fresh states and merged into the row's group states once done:
+        # the split path's operations (_kl_segment, _kl_merge). (One loop over the blocks merging at segment ends,
+        # ((i + 1) & (SEG - 1)) == 0 as in the logprobs kernel, took 162 registers for bf16 rows read element by
+        # element, V = 50257, halving the occupancy on sm_90; this form takes 125, the main loop is unchanged.)
+        ma, sa, mb, sb, t = _kl_empty(G)
         n_full = V // BLOCK
-        for i in range(0, n_full):
+        for k in range(0, n_full // SEG):  # the segments of full blocks only
+            ma_k, sa_k, mb_k, sb_k, t_k = _kl_segment(a_row, b_row, V, k, inv_temp, False, SEG, J, G, VEC, PACKED_A,
+                                                      PACKED_B)  # fmt: skip
+            ma, sa, mb, sb, t = _kl_merge(ma, sa, mb, sb, t, ma_k, sa_k, mb_k, sb_k, t_k)
+        # the last segment: its full blocks, then the masked block if any (_kl_segment with LAST, written out)
+        ma_k, sa_k, mb_k, sb_k, t_k = _kl_empty(G)
+        for i in range(n_full // SEG * SEG, n_full):
             a = _load_full_block(a_row, i * BLOCK, J, G, VEC, PACKED_A)
             b = _load_full_block(b_row, i * BLOCK, J, G, VEC, PACKED_B)
-            ma, sa, mb, sb, t = _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, None, J, G, VEC, False)
-        if n_full * BLOCK < V:
-            offs = n_full * BLOCK + _tile_offsets(J, G * VEC)
-            a = tl.reshape(tl.load(a_row + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
-            b = tl.reshape(tl.load(b_row + offs, mask=offs < V, other=float("-inf")), (J, G, VEC))
-            inside = tl.reshape(offs < V, (J, G, VEC))
-            if n_full == 0:  # the row is this one block: every group starts from the row's maxima (no rescaling)
-                ma = tl.zeros((G,), tl.float32) + tl.max(a).to(tl.float32) * inv_temp
-                mb = tl.zeros((G,), tl.float32) + tl.max(b).to(tl.float32) * inv_temp
-            ma, sa, mb, sb, t = _kl_block(a, b, ma, sa, mb, sb, t, inv_temp, inside, J, G, VEC, True)
-        finite = tl.max(tl.where(t * 0.0 == 0.0, 0, 1), axis=0) == 0  # t is NaN or +-inf <=> a NaN / +-inf logit
-        m_a, sha, sca = _to_row_nat(ma, sa)
-        m_b, shb, scb = _to_row_nat(mb, sb)
-        t = _exact_sum(sca * (t + (sha - shb) * sa))
-        sa = tl.where(finite, _exact_sum(sa * sca), float("nan"))  # (unspecified statistics for a non-finite row)
-        log_s_a = tl.log(sa)
-        log_s_b = tl.log(tl.where(finite, _exact_sum(sb * scb), float("nan")))
-        kl = t / sa + (log_s_b - log_s_a)
-        kl = tl.where(kl < 0.0, 0.0, kl)  # rounding only; NaN stays NaN
-        kl = tl.where(finite, kl, float("nan"))
-        tl.store(kl_ptr + row, kl)
-        tl.store(max_a_ptr + row, m_a)
-        tl.store(lognorm_a_ptr + row, log_s_a)
-        tl.store(max_b_ptr + row, m_b)
-        tl.store(lognorm_b_ptr + row, log_s_b)
+            ma_k, sa_k, mb_k, sb_k, t_k = _kl_block(a, b, ma_k, sa_k, mb_k, sb_k, t_k, inv_temp, None, J, G, VEC, False)
+        has_tail = n_full * BLOCK < V
+        if has_tail:
+            ma_k, sa_k, mb_k, sb_k, t_k = _kl_tail(a_row, b_row, V, n_full, ma_k, sa_k, mb_k, sb_k, t_k, inv_temp, J, G,
+                                                   VEC)  # fmt: skip
+        if has_tail | ((n_full & (SEG - 1)) != 0):  # (else the last segment was a whole one, merged in the loop)
+            ma, sa, mb, sb, t = _kl_merge(ma, sa, mb, sb, t, ma_k, sa_k, mb_k, sb_k, t_k)
+        _kl_finish(row, ma, sa, mb, sb, t, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr)
     else:
-        tl.store(kl_ptr + row, 0.0)
-        tl.store(max_a_ptr + row, 0.0)
-        tl.store(lognorm_a_ptr + row, 0.0)
-        tl.store(max_b_ptr + row, 0.0)
-        tl.store(lognorm_b_ptr + row, 0.0)
+        _kl_masked(row, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr)
+
+
+@triton.jit
+def _kl_fwd_split_kernel(
+    a_ptr, b_ptr, mask_ptr, ws_ptr, V, T_a, stride_ab, stride_at, T_b, stride_bb, stride_bt, inv_temp,
+    HAS_MASK: tl.constexpr, SEG: tl.constexpr, J: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr,
+    PACKED_A: tl.constexpr, PACKED_B: tl.constexpr,
+):  # fmt: skip
+    # Split path, stage 1: program (row, k) writes segment k's group states to ws[row, k] = (ma, sa, mb, sb, t) x G.
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    keep = True
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    if keep:
+        a_row = _row_base(a_ptr, row, T_a, stride_ab, stride_at)
+        b_row = _row_base(b_ptr, row, T_b, stride_bb, stride_bt)
+        if k < tl.num_programs(1) - 1:
+            ma, sa, mb, sb, t = _kl_segment(a_row, b_row, V, k, inv_temp, False, SEG, J, G, VEC, PACKED_A, PACKED_B)
+        else:
+            ma, sa, mb, sb, t = _kl_segment(a_row, b_row, V, k, inv_temp, True, SEG, J, G, VEC, PACKED_A, PACKED_B)
+        out = ws_ptr + (row * tl.num_programs(1) + k) * (5 * G) + tl.arange(0, G)
+        tl.store(out, ma)
+        tl.store(out + G, sa)
+        tl.store(out + 2 * G, mb)
+        tl.store(out + 3 * G, sb)
+        tl.store(out + 4 * G, t)
+
+
+@triton.jit
+def _kl_fwd_merge_kernel(
+    mask_ptr, ws_ptr, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr, n_seg,
+    HAS_MASK: tl.constexpr, G: tl.constexpr,
+):  # fmt: skip
+    # Split path, stage 2: one program per row merges ws[row, 0..n_seg) in order and ends the row.
+    row = tl.program_id(0).to(tl.int64)
+    keep = True
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    if keep:
+        ma, sa, mb, sb, t = _kl_empty(G)
+        for k in range(0, n_seg):
+            src = ws_ptr + (row * n_seg + k) * (5 * G) + tl.arange(0, G)
+            ma_k = tl.load(src)
+            sa_k = tl.load(src + G)
+            mb_k = tl.load(src + 2 * G)
+            sb_k = tl.load(src + 3 * G)
+            t_k = tl.load(src + 4 * G)
+            ma, sa, mb, sb, t = _kl_merge(ma, sa, mb, sb, t, ma_k, sa_k, mb_k, sb_k, t_k)
+        _kl_finish(row, ma, sa, mb, sb, t, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr)
+    else:
+        _kl_masked(row, kl_ptr, max_a_ptr, lognorm_a_ptr, max_b_ptr, lognorm_b_ptr)
 
 
 @triton.jit
@@ -209,13 +360,22 @@ def kl_fwd_triton(logits, ref_logits, mask, inv_temperature: float, reverse: boo
     if n > 0:
         a, b = (logits, ref_logits) if reverse else (ref_logits, logits)
         stats = (m_p, ln_p, m_q, ln_q) if reverse else (m_q, ln_q, m_p, ln_p)
-        tile, warps = row_tile(logits.shape[2], max(logits.element_size(), ref_logits.element_size()))
-        _kl_fwd_kernel[(n,)](
-            a, b, mask if mask is not None else kl, kl, *stats,
-            logits.shape[2], *_strides(a), *_strides(b), inv_temperature,
-            HAS_MASK=mask is not None, **tile, PACKED_A=packed_rows(a, tile["VEC"]),
-            PACKED_B=packed_rows(b, tile["VEC"]), num_warps=warps, enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+        V = logits.shape[2]
+        elem = max(logits.element_size(), ref_logits.element_size())
+        tile, warps = row_tile(V, elem)
+        seg = seg_blocks(V, elem)
+        block = tile["J"] * tile["G"] * tile["VEC"]
+        n_seg = ((V + block - 1) // block + seg - 1) // seg
+        m = mask if mask is not None else kl
+        args = (V, *_strides(a), *_strides(b), inv_temperature)
+        flags = dict(HAS_MASK=mask is not None, num_warps=warps, enable_fp_fusion=FP_FUSION)
+        packed = dict(PACKED_A=packed_rows(a, tile["VEC"]), PACKED_B=packed_rows(b, tile["VEC"]))
+        if split_rows(n, n_seg, logits.device):  # small batch: one program per (row, segment), then a merge
+            ws = torch.empty((n, n_seg, 5, tile["G"]), dtype=torch.float32, device=logits.device)
+            _kl_fwd_split_kernel[(n, n_seg)](a, b, m, ws, *args, SEG=seg, **tile, **packed, **flags)
+            _kl_fwd_merge_kernel[(n,)](m, ws, kl, *stats, n_seg, G=tile["G"], **flags)
+        else:
+            _kl_fwd_kernel[(n,)](a, b, m, kl, *stats, *args, SEG=seg, **tile, **packed, **flags)
     return kl, m_p, ln_p, m_q, ln_q
 
 
