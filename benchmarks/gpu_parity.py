@@ -63,6 +63,10 @@ class Check:
     note: str = ""
     diff: float | None = None  # max |this backend - the first backend| (the second and later backends)
 
+    def __post_init__(self):  # progress on stderr, so a run cut by its time limit still shows what it checked
+        status = "ok" if self.ok else "FAIL"
+        print(f"{status} {self.section} {self.what} {self.case} {self.backend} {self.note}", file=sys.stderr)
+
     @property
     def bound(self) -> float:
         return 2 * self.err_torch + self.atol
@@ -200,10 +204,10 @@ def _compare(section, names, case, outs, plain, ref, atol) -> list[Check]:
         e_torch = max_err(plain[k], ref[k])
         first = next(iter(outs.values()))
         for i, (be, out) in enumerate(outs.items()):
-            c = Check(section, name, case, be, max_err(out[k], ref[k]), e_torch, atol)
-            c.ok = c.err <= c.bound  # False for NaN
-            c.diff = max_err(out[k], first[k]) if i else None
-            checks.append(c)
+            err = max_err(out[k], ref[k])
+            ok = err <= 2 * e_torch + atol  # Check.bound; False for NaN
+            diff = max_err(out[k], first[k]) if i else None
+            checks.append(Check(section, name, case, be, err, e_torch, atol, ok=ok, diff=diff))
     return checks
 
 

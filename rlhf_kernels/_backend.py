@@ -21,6 +21,9 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
+# The device types each kernel backend serves: $RLHF_KERNELS_BACKEND applies to tensors of these (and Triton's to
+# CPU tensors too under TRITON_INTERPRET=1).
+SERVES = {"cuda": ("cuda",), "cpu": ("cpu",), "triton": ("cuda",)}
 
 
 @functools.cache
@@ -113,19 +116,19 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 
 # The default kernel backend for CUDA tensors, per op family (the kernels an op runs): the first of the pair that
-# is available. Until GPU timings exist this follows the compiled-code figures for sm_90 (registers, spills,
-# occupancy, SASS instructions per element of the main loop: benchmarks/results/sass_sm90.md, made by
-# benchmarks/sass_report.py); the README's "Default backend per op" table states the same choice and the figures.
+# is available. Chosen by the bandwidth measured on an H200 (benchmarks/results/gpu_h200_first_run.md, fraction
+# of the copy bandwidth measured in the same run, bf16 N=4096 V=152064); the README's "Default backend per op"
+# table gives the figures. One backend per family, forward and backward alike, so that a row's bits do not
+# depend on whether a gradient was asked for (a rollout's log-probs equal the update's recomputation).
 CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
-    # bf16 forward 7.25 (Triton) vs 7.78 (CUDA) instructions per element, and Triton splits rows for small
-    # batches; both backwards issue-bound above the H200's bandwidth
-    "logprobs": ("triton", "cuda"),  # logprobs, entropy and the fused-linear log-prob, PPO and DPO heads
-    # bf16 forward 7.81 vs 8.25 per loaded element; both backwards issue-bound above the bandwidth
-    "kl": ("triton", "cuda"),  # kl_from_logits, fused_linear_kl
-    # 52 vs 270 instructions per step: the Triton scan is issue-bound at ~1.5 TB/s, the CUDA one at ~7.7
+    # forward 89% (cuda) vs 93% (triton); forward + backward 88% vs 74%
+    "logprobs": ("cuda", "triton"),  # logprobs, entropy and the fused-linear log-prob, PPO and DPO heads
+    # forward 103% vs 97%; forward + backward 98% vs 97%
+    "kl": ("cuda", "triton"),  # kl_from_logits, fused_linear_kl
+    # 121% vs 51% (B=512, T=4096)
     "gae": ("cuda", "triton"),  # gae
-    # 67 / 39 (Triton) vs 73 / 43 (CUDA) per token (policy / value); both far above the bandwidth
-    "ppo_loss": ("triton", "cuda"),  # ppo_policy_loss, ppo_value_loss
+    # policy 87% vs 73%, value 91% vs 93% (N = 2^24)
+    "ppo_loss": ("cuda", "triton"),  # ppo_policy_loss, ppo_value_loss
 }
 
 
@@ -148,6 +151,11 @@ def _resolve(name: str | None, explicit: bool, device_type: str, interpreted: bo
         return next(b for b in order if status[b] == "ok")
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(BACKENDS)}")
+    serves = SERVES.get(name, (device_type,)) + (("cpu",) if name == "triton" and interpreted else ())
+    if not explicit and device_type not in serves:
+        # $RLHF_KERNELS_BACKEND=cuda picks the kernels of CUDA tensors; CPU tensors of the same process (a model
+        # evaluated on CPU, a test) keep their default instead of failing. backend= is never overridden.
+        return _resolve(None, False, device_type, interpreted, family)
     why = backend_status(device_type)[name]
     if why != "ok":
         src = "backend=" if explicit else f"${ENV_VAR}="

@@ -17,6 +17,9 @@ import rlhf_kernels  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKENDS = [b for b in rlhf_kernels.available_backends(DEVICE) if b != "reference"]
 ALL_BACKENDS = rlhf_kernels.available_backends(DEVICE)
+# Backends whose rows are bitwise batch-invariant: the kernels; the reference is plain PyTorch, invariant on CPU
+# but not on CUDA (its reductions pick their order by shape).
+INVARIANT_BACKENDS = KERNEL_BACKENDS + (["reference"] if DEVICE.type == "cpu" else [])
 
 
 def op_backends(op: str) -> list[str]:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_error
+from conftest import ALL_BACKENDS, DEVICE, INVARIANT_BACKENDS, KERNEL_BACKENDS, assert_within_torch_error
 
 import rlhf_kernels
 from rlhf_kernels import reference
@@ -32,8 +32,13 @@ def _run(fn, x_leaf, y, weight, make_input):
     return kl.detach(), x_leaf.grad.detach().clone()
 
 
-def check_against_reference(backend, x_leaf, y, temperature=1.0, mask=None, direction="reverse", make_input=None):
-    """Value and gradient (for a random upstream gradient): ours vs plain torch vs the fp64 reference."""
+def check_against_reference(
+    backend, x_leaf, y, temperature=1.0, mask=None, direction="reverse", make_input=None, kl_ulps=0
+):
+    """Value and gradient (for a random upstream gradient): ours vs plain torch vs the fp64 reference. kl_ulps > 0
+    adds that many fp32 ulps of the largest KL (times the largest upstream weight, for the gradient) to the
+    tolerance: for KLs far above 1 the fp32 rounding of the KL itself, and of the terms of that size that cancel
+    in its gradient (p (log p - log q - KL)), is the floor of any fp32 implementation."""
     make_input = make_input or (lambda t: t)
     lead = make_input(y).shape[:-1]
     weight = torch.randn(lead, device=DEVICE)
@@ -47,9 +52,12 @@ def check_against_reference(backend, x_leaf, y, temperature=1.0, mask=None, dire
     assert ours[0].dtype == torch.float32 and ours[0].shape == lead
     assert ours[1].dtype == x_leaf.dtype
     atol = max(ATOL[x_leaf.dtype], ATOL[y.dtype])
+    ulp = kl_ulps * torch.finfo(torch.float32).eps * ref[0].abs().max().item()
     what = f"{backend} {x_leaf.dtype}/{y.dtype} {direction}"
-    assert_within_torch_error(ours[0], plain[0], ref[0], atol, what + " kl")
-    assert_within_torch_error(ours[1], plain[1], ref[1], atol, what + " grad")
+    assert_within_torch_error(ours[0], plain[0], ref[0], atol + ulp, what + " kl")
+    assert_within_torch_error(
+        ours[1], plain[1], ref[1], atol + ulp * max(1.0, weight.abs().max().item()), what + " grad"
+    )
     assert (ours[0] >= 0).all()
     return ours
 
@@ -124,7 +132,9 @@ def test_peaked_distributions_stay_finite(backend, direction):
     y[torch.arange(6), torch.arange(6) * 7 + 1] += 1e4
     y[5] = x[5]  # and one row where both peak on the same token: KL ~ 0
     x.requires_grad_()
-    kl, grad = check_against_reference(backend, x, y, temperature=1.3, direction=direction)
+    # KL ~ 7.7e3, represented to 4.6e-4 in fp32: on a GPU (approximate exp2/log2) our errors were 1-2 ulps of it,
+    # torch's 0.7; 4 ulps of the KL (times the largest upstream weight for the gradient) is the tolerance here
+    kl, grad = check_against_reference(backend, x, y, temperature=1.3, direction=direction, kl_ulps=4)
     assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
     assert (kl[:5] > 7000).all() and kl[5] < 1e-6
 
@@ -170,7 +180,7 @@ def test_differently_laid_out_inputs(backend):
     )
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", INVARIANT_BACKENDS)
 @pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, F16)], ids=["f32", "bf16-f16"])
 def test_batch_invariance_bitwise(backend, dtypes):
     V = 5000

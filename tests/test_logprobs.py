@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_error
+from conftest import ALL_BACKENDS, DEVICE, INVARIANT_BACKENDS, KERNEL_BACKENDS, assert_within_torch_error
 
 import rlhf_kernels
 from rlhf_kernels import reference
@@ -126,7 +126,7 @@ def test_all_rows_ignored_and_custom_ignore_index(backend):
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", INVARIANT_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_invariance_bitwise(backend, dtype):
     """A row's outputs and gradient are bitwise identical whatever the batch around it and its shape."""
@@ -326,10 +326,15 @@ def test_backend_selection(monkeypatch):
         rlhf_kernels.logprobs(x, y)
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     assert torch.allclose(rlhf_kernels.logprobs(x, y), rlhf_kernels.logprobs(x, y, backend="reference"))
+    # the variable applies to the tensors its backend serves: CPU tensors keep their default under "cuda"
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cuda")
+    x_cpu, y_cpu = x.cpu(), y.cpu()
+    cpu_default = rlhf_kernels.available_backends("cpu")[0]  # cpu, or reference without the extension
+    assert torch.equal(rlhf_kernels.logprobs(x_cpu, y_cpu), rlhf_kernels.logprobs(x_cpu, y_cpu, backend=cpu_default))
     if DEVICE.type == "cpu":
         monkeypatch.delenv("RLHF_KERNELS_BACKEND")
         with pytest.raises(ValueError, match="cannot run on cpu"):
-            rlhf_kernels.logprobs(x, y, backend="cuda")
+            rlhf_kernels.logprobs(x, y, backend="cuda")  # backend= is never overridden
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -215,7 +215,7 @@ def test_value_aggregation_matches_loop(backend, agg):
     assert loss.item() == pytest.approx(loop_aggregate(terms, mask, agg).item(), rel=1e-5)
     assert torch.allclose(grad.double(), v64.grad, rtol=1e-5, atol=1e-8)
     vc = torch.clamp(v, old - 0.1, old + 0.1)
-    assert stats["val/clipfrac"].item() == pytest.approx(((vc - ret) ** 2 > (v - ret) ** 2)[mask].float().mean())
+    assert stats["val/clipfrac"].item() == pytest.approx(((vc - ret) ** 2 > (v - ret) ** 2)[mask].float().mean().item())
 
 
 @pytest.mark.parametrize("backend", POLICY_BACKENDS + ["reference"])

@@ -476,8 +476,8 @@ def kl_from_logits(
         either input gives NaN (mask vocabulary entries with a large finite negative number instead of -inf).
 
     One pass over both rows (online maxima and sums in fp32, see the module docstring) with O(N) statistics saved;
-    the backward re-reads both rows. No fp32 ``(N, V)`` tensor is allocated. For one backend and device, a row's
-    result is bitwise identical whatever else is in the batch.
+    the backward re-reads both rows. No fp32 ``(N, V)`` tensor is allocated. For one kernel backend and device, a
+    row's result is bitwise identical whatever else is in the batch.
 
     Example::
 

@@ -595,7 +595,8 @@ def logprobs(
         both outputs, and no other row is affected. Both outputs are differentiable with respect to ``logits``;
         the gradient has the dtype of ``logits``.
 
-    For one backend and device, a row's outputs are bitwise identical whatever else is in the batch.
+    For one kernel backend and device, a row's outputs are bitwise identical whatever else is in the batch
+    (the ``reference`` backend is plain PyTorch: invariant on CPU, not on CUDA).
     Forward: one pass over the vocabulary with an online max and sum of exponentials (fp32), saving only
     O(N) statistics; backward recomputes the softmax from the logits. No fp32 (N, V) tensor is allocated.
 
