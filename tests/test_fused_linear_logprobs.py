@@ -74,10 +74,11 @@ def test_frozen_weight_and_logprobs_only(backend):
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(8192, 131072, 4096) == 256  # N*H/V = 256
+    assert default_chunk_size(8192, 131072, 4096) == 1024  # N*H/V = 256, raised to MIN_CHUNK_ROWS
     assert default_chunk_size(16384, 32000, 4096) == 4096  # 2097 -> next power of two
     assert default_chunk_size(10, 50000, 64) == 10  # never more than N
-    assert default_chunk_size(1000, 1000000, 8) == 128  # at least 128 rows per GEMM
+    assert default_chunk_size(1000, 1000000, 8) == 1000  # at least 1024 rows per GEMM, at most N
+    assert default_chunk_size(5000, 1000000, 8) == 1024
 
 
 def test_bad_inputs():
