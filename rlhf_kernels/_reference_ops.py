@@ -220,22 +220,64 @@ def gae_fwd_examples(device, big=False):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def ppo_policy_fwd(logprobs, old_logprobs, advantages, weight, clip_low, clip_high, dual_clip, *, dtype=F64,
-                   cast=True):  # fmt: skip
-    d = (logprobs - old_logprobs).to(dtype)  # rounded in fp32 first, as the kernels do
-    A, w = advantages.to(dtype), weight.to(dtype)
-    r = d.clamp(-20.0, 20.0).exp()
-    l1 = -A * r
-    l2 = -A * r.clamp(1.0 - clip_low, 1.0 + clip_high)
-    clipped = l2 > l1
-    loss = torch.where(clipped, l2, l1)
-    lower = (dual_clip > 0) & (A < 0) & (loss > -A * dual_clip)
-    loss = torch.where(lower, -A * dual_clip, loss)
-    grad = torch.where(clipped | lower | (d.abs() > 20.0), 0.0, l1)
+def _segment_ids(seq_offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """(N,) index of each token's sequence from the (S + 1,) offsets table."""
+    return torch.bucketize(torch.arange(n, device=seq_offsets.device), seq_offsets[1:], right=True)
+
+
+def _segment_mean(x: torch.Tensor, counts: torch.Tensor, seg: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Per token: the mean of ``x`` over the counted tokens of its sequence (x is 0 where a token does not count)."""
+    total = torch.zeros(n_seq, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+    n = torch.zeros(n_seq, dtype=x.dtype, device=x.device).index_add_(0, seg, counts.to(x.dtype))
+    return (total / n.clamp_min(1))[seg]
+
+
+def ppo_policy_fwd(logprobs, old_logprobs, advantages, weight, seq_offsets, clip_low, clip_high, dual_clip,
+                   loss_type, ratio_level, tau_pos, tau_neg, *, dtype=F64, cast=True):  # fmt: skip
     counts = weight != 0
-    terms = torch.stack([w * loss, clipped.to(dtype), -d, lower.to(dtype)])  # (4, N)
+    d = torch.where(counts, logprobs - old_logprobs, 0.0).to(dtype)  # rounded in fp32 first, as the kernels do
+    lp = torch.where(counts, logprobs, 0.0).to(dtype)
+    A = torch.where(counts, advantages, 0.0).to(dtype)
+    w = weight.to(dtype)
+    n_tok = logprobs.shape[0]
+    seg = _segment_ids(seq_offsets, n_tok) if ratio_level != 0 else None
+    # the log-ratio of each token's ratio: its own, or its sequence's mean rounded to fp32 as the kernels store it
+    x = d if ratio_level == 0 else _segment_mean(d, counts, seg, seq_offsets.shape[0] - 1).to(F32).to(dtype)
+    lo = torch.tensor(1.0 - clip_low, dtype=F32).item()  # formed in fp64, rounded once to fp32
+    hi = torch.tensor(1.0 + clip_high, dtype=F32).item()
+    saturated = x.abs() > 20.0
+    rho = x.clamp(-20.0, 20.0).exp()
+    zero = torch.zeros_like(rho)
+    lower = torch.zeros_like(counts)
+    if loss_type == 0:  # clip
+        l1, l2 = -A * rho, -A * rho.clamp(lo, hi)
+        clipped = l2 > l1
+        loss = torch.where(clipped, l2, l1)
+        lower = (dual_clip > 0) & (A < 0) & (loss > -A * dual_clip)
+        loss = torch.where(lower, -A * dual_clip, loss)
+        q = torch.where(clipped | lower | saturated, zero, l1)
+        e = zero
+        low, high = clipped & (A < 0), clipped & (A > 0)
+    elif loss_type == 1:  # cispo: the clipped ratio is a constant weight on -A logprobs
+        rc = rho.clamp(lo, hi)
+        loss, q, e = -rc * A * lp, zero, -rc * A
+        low, high = rho < lo, rho > hi
+    elif loss_type == 2:  # sapo: a sigmoid gate in place of the hard clip
+        tau = torch.where(A > 0, tau_pos, tau_neg).to(dtype)
+        g = torch.sigmoid(tau * (rho - 1.0))
+        loss = -g * (4.0 / tau) * A
+        q = torch.where(saturated, zero, -4.0 * A * g * (1.0 - g) * rho)
+        e = zero
+        low, high = (A < 0) & (rho < lo), (A > 0) & (rho > hi)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type}")
+    if ratio_level == 1:  # every token's log-prob moves its sequence's ratio by 1 / n_s
+        grad = w * e + _segment_mean(torch.where(counts, w * q, 0.0), counts, seg, seq_offsets.shape[0] - 1)
+    else:
+        grad = w * (q + e)
+    terms = torch.stack([w * loss, low.to(dtype), high.to(dtype), -d, lower.to(dtype)])  # (5, N)
     sums = torch.where(counts, terms, 0.0).sum(-1)
-    return _out(torch.where(counts, w * grad, 0.0), F32, cast), _out(sums, F32, cast)
+    return _out(torch.where(counts, grad, 0.0), F32, cast), _out(sums, F32, cast)
 
 
 def ppo_value_fwd(values, old_values, returns, weight, clip, *, dtype=F64, cast=True):
@@ -257,27 +299,61 @@ def _drop_near_ties(w: torch.Tensor, *gaps: torch.Tensor) -> None:
         w[gap.abs() < 1e-5] = 0.0
 
 
+def _policy_gaps(rho, adv, clip_low, clip_high, dual, loss_type):
+    """Relative distances of each token's decisions (clip bounds, dual clip) from their thresholds."""
+    gaps = [(rho - (1 - clip_low)) / rho, (rho - (1 + clip_high)) / rho]
+    if dual > 0 and loss_type == 0:
+        gaps.append((adv < 0) * (rho.clamp(1 - clip_low, None) - dual) / dual + (adv >= 0))
+    return gaps
+
+
+# (loss_type, ratio_level, clip_low, clip_high, dual_clip, tau_pos, tau_neg) of the examples
+_POLICY_MODES = (
+    (0, 0, 0.2, 0.28, 3.0, 1.0, 1.05),
+    (0, 0, 0.2, 0.2, 0.0, 1.0, 1.05),
+    (1, 0, 0.8, 4.0, 0.0, 1.0, 1.05),  # CISPO's wide range
+    (2, 0, 0.2, 0.2, 0.0, 1.0, 1.05),
+    (0, 1, 3e-4, 4e-4, 3.0, 1.0, 1.05),  # GSPO's small range
+    (0, 2, 0.05, 0.08, 0.0, 1.0, 1.05),
+    (1, 1, 0.2, 0.28, 0.0, 1.0, 1.05),
+    (2, 1, 0.2, 0.2, 0.0, 0.5, 2.0),
+    (2, 2, 0.1, 0.1, 0.0, 1.0, 1.05),
+)
+
+
 def ppo_policy_fwd_examples(device, big=False):
     g = torch.Generator().manual_seed(5)
     n = 3000  # three Triton blocks, two CPU blocks
+    # sequences: empty ones, one token, one longer than a Triton block and a CPU block, one never counted
+    lengths = torch.tensor([0, 1, 7, 2300, 64, 0, 200, 300, 100, 28])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    seg = _segment_ids(offsets, n)
+    shift = (0.3 * torch.randn(len(lengths), generator=g))[seg]  # sequence-level log-ratios spread around 0
     old = -5 * torch.rand(n, generator=g)
-    lp = old + 0.3 * torch.randn(n, generator=g)
+    lp = old + shift + 0.3 * torch.randn(n, generator=g)
     adv = torch.randn(n, generator=g)
     w = 0.5 + torch.rand(n, generator=g)
     lp[:40] = old[:40] + torch.where(torch.arange(40) % 2 == 0, 25.0, -25.0)  # saturated log-ratios
+    lp[offsets[7] : offsets[8]] = old[offsets[7] : offsets[8]] + 22.0  # a saturated sequence
+    w[offsets[8] : offsets[9]] = 0.0  # a sequence without counted tokens
     w[-300:] = 0.0  # tokens that do not count hold NaN / inf (never read)
     lp[-300::2], adv[-299::2] = NAN, float("inf")
     cases = []
-    for clip_low, clip_high, dual in ((0.2, 0.28, 3.0), (0.2, 0.2, 0.0)):
+    for loss_type, level, clip_low, clip_high, dual, tau_pos, tau_neg in _POLICY_MODES:
         wc = w.clone()
-        r = (lp - old).double().clamp(-20, 20).exp()
-        gaps = [(r - (1 - clip_low)) / r, (r - (1 + clip_high)) / r]
-        if dual > 0:
-            gaps.append((adv < 0) * (r.clamp(1 - clip_low, None) - dual) / dual + (adv >= 0))
-        _drop_near_ties(wc, *gaps)
-        cases.append((lp, old, adv, wc, clip_low, clip_high, dual))
+        counts = wc != 0
+        d = torch.where(counts, lp - old, 0.0)
+        x = d if level == 0 else _segment_mean(d.double(), counts, seg, len(lengths))
+        rho = x.double().clamp(-20, 20).exp()
+        near = torch.zeros(n, dtype=torch.bool)
+        for gap in _policy_gaps(rho, adv.double(), clip_low, clip_high, dual, loss_type):
+            near |= gap.abs() < 1e-5  # fp32 and fp64 may decide these either way
+        if level != 0:  # drop whole sequences, so that no other sequence's mean changes
+            near = torch.zeros(len(lengths)).index_add_(0, seg, near.float())[seg] > 0
+        wc[near] = 0.0
+        cases.append((lp, old, adv, wc, offsets, clip_low, clip_high, dual, loss_type, level, tau_pos, tau_neg))
     empty = torch.zeros(0)
-    cases.append((empty, empty, empty, empty, 0.2, 0.2, 0.0))
+    cases.append((empty, empty, empty, empty, torch.zeros(1, dtype=torch.int64), 0.2, 0.2, 0.0, 0, 1, 1.0, 1.05))
     return [tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in c) for c in cases]
 
 

@@ -192,26 +192,55 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     normalizer: float | torch.Tensor | None = None,
+    loss_type: str = "clip",
+    ratio_level: str = "token",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (https://arxiv.org/abs/1707.06347), optionally dual-clipped
-    (https://arxiv.org/abs/1912.09729). All inputs (..., T); returns (loss, stats) in fp32 (fp64 for fp64).
-    ``normalizer``: as in :func:`aggregate_loss`; the stats are means over this batch."""
+    """PPO-family policy loss, written with autograd: the clipped surrogate (https://arxiv.org/abs/1707.06347),
+    optionally dual-clipped (https://arxiv.org/abs/1912.09729), or CISPO / SAPO, with the ratio per token or per
+    sequence (GSPO). All inputs (..., T); ``is_weights`` (..., T) multiplies the per-token loss (a zero weight also
+    leaves the token out of its sequence's mean log-ratio and out of the stats). Returns (loss, stats) in fp32
+    (fp64 for fp64). ``normalizer``: as in :func:`aggregate_loss`; the stats are means over this batch's tokens."""
     dtype = torch.promote_types(_upcast(logprobs).dtype, _upcast(old_logprobs).dtype)
-    lp, old, adv = (_masked_out(x, mask, dtype) for x in (logprobs, old_logprobs.detach(), advantages.detach()))
+    counted = mask.bool() if is_weights is None else mask.bool() & (is_weights != 0)
+    lp, old, adv = (_masked_out(x, counted, dtype) for x in (logprobs, old_logprobs.detach(), advantages.detach()))
     log_ratio = lp - old
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    lower = torch.zeros_like(per_token, dtype=torch.bool)
-    if dual_clip is not None:
-        cap = -adv * dual_clip
-        lower = (adv < 0) & (per_token > cap)
-        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    if ratio_level == "token":
+        x = log_ratio
+    else:
+        seq_mean = log_ratio.sum(-1, keepdim=True) / counted.sum(-1, keepdim=True).clamp_min(1)
+        # "sequence": every token moves the shared ratio; "sequence_token": value s, gradient through pi / sg[pi]
+        x = seq_mean.expand_as(lp) if ratio_level == "sequence" else seq_mean.detach() + lp - lp.detach()
+    ratio = torch.exp(x.clamp(-20.0, 20.0))
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    lower = torch.zeros_like(counted)
+    if loss_type == "clip":
+        unclipped, clipped = -adv * ratio, -adv * ratio.clamp(lo, hi)
+        per_token = torch.maximum(unclipped, clipped)
+        if dual_clip is not None:
+            cap = -adv * dual_clip
+            lower = (adv < 0) & (per_token > cap)
+            per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+        low, high = (clipped > unclipped) & (adv < 0), (clipped > unclipped) & (adv > 0)
+    elif loss_type == "cispo":
+        per_token = -ratio.clamp(lo, hi).detach() * adv * lp
+        low, high = ratio < lo, ratio > hi
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_tau_pos, sapo_tau_neg).to(dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+        low, high = (adv < 0) & (ratio < lo), (adv > 0) & (ratio > hi)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    if is_weights is not None:
+        per_token = per_token * _masked_out(is_weights.detach(), counted, dtype)
     stats = {
-        "policy/clipfrac": _masked_mean((clipped > unclipped).to(dtype), mask),
-        "policy/approxkl": _masked_mean(-log_ratio.detach(), mask),
-        "policy/clipfrac_lower": _masked_mean(lower.to(dtype), mask),
+        "policy/clipfrac": _masked_mean((low | high).to(dtype), counted),
+        "policy/clipfrac_low": _masked_mean(low.to(dtype), counted),
+        "policy/clipfrac_high": _masked_mean(high.to(dtype), counted),
+        "policy/approxkl": _masked_mean(-log_ratio.detach(), counted),
+        "policy/clipfrac_lower": _masked_mean(lower.to(dtype), counted),
     }
     return aggregate_loss(per_token, mask, agg, normalizer), stats
 

@@ -24,6 +24,7 @@ from ._linear import (
     save_linear_grads,
     scaled_linear_grads,
 )
+from .aggregation import check_normalizer
 from .dpo_loss import (
     AVERAGED_LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
@@ -35,7 +36,6 @@ from .dpo_loss import (
     sequence_logps,
 )
 from .fused_linear_logprobs import fused_linear_logprobs
-from .ppo_loss import check_normalizer
 
 _DPO_OPTIONS = ("beta", "loss_type", "label_smoothing", "gamma", "reference_free")
 
