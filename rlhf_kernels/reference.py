@@ -319,16 +319,24 @@ def fused_linear_ppo_loss(
     agg: str = "token-mean",
     ignore_index: int = -100,
     normalizer: float | torch.Tensor | None = None,
+    loss_type: str = "clip",
+    ratio_level: str = "token",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The unfused composition: full logits -> log-probs and entropy -> clipped surrogate + kl_coef * KL estimator
-    - entropy_coef * entropy, each aggregated by ``agg`` over ``mask`` (``normalizer`` as in
-    :func:`aggregate_loss`)."""
+    """The unfused composition: full logits -> log-probs and entropy -> policy loss (:func:`ppo_policy_loss`, with
+    ``is_weights`` on it alone) + kl_coef * KL estimator - entropy_coef * entropy, each aggregated by ``agg`` over
+    ``mask`` (``normalizer`` as in :func:`aggregate_loss`)."""
     from .ops.kl_penalty import kl_penalty_from_delta
 
     m = mask.bool()
     labels = torch.where(m, labels, torch.full_like(labels, ignore_index))
     lp, ent = fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index)
-    loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, m, clip_low, clip_high, dual_clip, agg, normalizer)
+    loss, stats = ppo_policy_loss(
+        lp, old_logprobs, advantages, m, clip_low, clip_high, dual_clip, agg, normalizer, loss_type, ratio_level,
+        sapo_tau_pos, sapo_tau_neg, is_weights,
+    )  # fmt: skip
     stats["policy/entropy"] = _masked_mean(ent.detach(), m)
     dev = (lp.detach() - _masked_out(old_logprobs.detach(), m, lp.dtype)).abs()
     stats["policy/max_abs_log_ratio"] = torch.where(m, dev, torch.zeros((), dtype=dev.dtype, device=dev.device)).amax()

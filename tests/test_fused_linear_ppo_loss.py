@@ -13,7 +13,8 @@ from rlhf_kernels.ops.kl_penalty import kl_penalty_from_delta
 FUSED_BACKENDS = op_backends("ppo_policy_fwd")
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 B, T, H, V = 4, 13, 16, 211
-STATS = ("policy/clipfrac", "policy/approxkl", "policy/clipfrac_lower", "policy/entropy", "policy/kl")
+STATS = ("policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high", "policy/approxkl", "policy/clipfrac_lower",
+         "policy/entropy", "policy/kl")  # fmt: skip
 
 
 def make_batch(dtype, per_seq_adv=False, garbage=True):

@@ -108,26 +108,28 @@ def test_fused_linear_kl_peak_is_one_chunk(backend):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU allocations are profiled here; GPU memory in benchmarks")
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if _has_ppo_kernel(b)])
-def test_fused_linear_ppo_loss_peak_vs_unfused(backend, tmp_path):
+@pytest.mark.parametrize("mode", [{}, {"loss_type": "cispo", "ratio_level": "sequence"}], ids=["clip", "gspo-cispo"])
+def test_fused_linear_ppo_loss_peak_vs_unfused(backend, mode, tmp_path):
     N, V, H, chunk = 512, 4096, 32, 32
-    h = torch.randn(N, H, requires_grad=True)
+    h = torch.randn(16, N // 16, H, requires_grad=True)  # sequences of 32 tokens: whole sequences per chunk
     w = (torch.randn(V, H) / 4).requires_grad_()
-    y = torch.randint(0, V, (N,))
-    old, adv, mask = torch.randn(N) - 8, torch.randn(N), torch.rand(N) > 0.1
+    y = torch.randint(0, V, (16, N // 16))
+    old, adv, mask = torch.randn(16, N // 16) - 8, torch.randn(16, N // 16), torch.rand(16, N // 16) > 0.1
+    c = torch.rand(16, N // 16) + 0.5 if mode else None
 
     def fused():
         loss, _ = rlhf_kernels.fused_linear_ppo_loss(
-            h, w, y, old, adv, mask, entropy_coef=0.01, chunk_size=chunk, backend=backend
+            h, w, y, old, adv, mask, entropy_coef=0.01, chunk_size=chunk, backend=backend, is_weights=c, **mode
         )
         loss.backward()
 
     def unfused():  # full (N, V) logits -> log-probs and entropy -> PPO loss (our kernels on full logits)
         lp, ent = rlhf_kernels.logprobs(F.linear(h, w), y, return_entropy=True, backend=backend)
-        loss, _ = rlhf_kernels.ppo_policy_loss(lp, old, adv, mask, backend=backend)
+        loss, _ = rlhf_kernels.ppo_policy_loss(lp, old, adv, mask, backend=backend, is_weights=c, **mode)
         (loss - 0.01 * rlhf_kernels.aggregate_loss(ent, mask)).backward()
 
-    hs, ys, olds, advs, ms = (x[:8] for x in (h, y, old, adv, mask))  # warm-up (kernels, caches), small shape
-    rlhf_kernels.fused_linear_ppo_loss(hs, w, ys, olds, advs, ms, chunk_size=4, backend=backend)[0].backward()
+    hs, ys, olds, advs, ms = (x[:1, :8] for x in (h, y, old, adv, mask))  # warm-up (kernels, caches), small shape
+    rlhf_kernels.fused_linear_ppo_loss(hs, w, ys, olds, advs, ms, chunk_size=4, backend=backend, **mode)[0].backward()
     peaks = {}
     for fn in (fused, unfused):
         h.grad = w.grad = None

@@ -140,6 +140,36 @@ def token_chunks(n_rows: int, chunk: int) -> list[Chunk]:
     return [Chunk(slice(s, min(s + chunk, n_rows))) for s in range(0, n_rows, chunk)]
 
 
+def group_ranges(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive ranges [g0, g1) of groups (sequences, pairs) whose ``sizes`` add up to at most ``budget``,
+    except that a group larger than the budget forms a range of its own (empty groups join the range before)."""
+    ranges, start, total = [], 0, 0
+    for g, n in enumerate(sizes):
+        if g > start and n > 0 and total + n > budget:
+            ranges.append((start, g))
+            start, total = g, 0
+        total += n
+    if sizes:
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def sequence_chunks(lengths: list[int], budget: int, device: torch.device) -> list[Chunk]:
+    """Chunks of whole sequences over rows laid out sequence by sequence (``lengths`` rows each): each chunk's
+    rows are a range, its info the (S_c + 1,) int64 offsets of its sequences within it, on ``device``. No chunk
+    is empty (no chunk at all when there is no row)."""
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    chunks = []
+    for s0, s1 in group_ranges(lengths, budget):
+        if starts[s1] == starts[s0]:
+            continue
+        local = torch.tensor([starts[s] - starts[s0] for s in range(s0, s1 + 1)], dtype=torch.int64)
+        chunks.append(Chunk(slice(starts[s0], starts[s1]), local.to(device)))
+    return chunks
+
+
 def chunk_rows(chunk_size: int | None, n_rows: int, weight: torch.Tensor) -> int:
     """Rows per chunk: ``chunk_size`` (checked by :func:`check_chunk_size`), else :func:`default_chunk_size`."""
     V, H = weight.shape

@@ -19,6 +19,7 @@ from ._linear import (
     check_chunk_size,
     chunk_rows,
     detach_without_grad,
+    group_ranges,
     linear_operands,
     run_chunks,
     save_linear_grads,
@@ -43,16 +44,7 @@ _DPO_OPTIONS = ("beta", "loss_type", "label_smoothing", "gamma", "reference_free
 def pair_chunks(counts: list[int], pairs: int, budget: int) -> list[tuple[int, int]]:
     """Consecutive ranges [p0, p1) of pairs whose response tokens (chosen + rejected, from ``counts`` (2B,))
     add up to at most ``budget``, except that a pair larger than the budget forms a chunk of its own."""
-    chunks, start, tokens = [], 0, 0
-    for p in range(pairs):
-        n = counts[p] + counts[pairs + p]
-        if p > start and tokens + n > budget:
-            chunks.append((start, p))
-            start, tokens = p, 0
-        tokens += n
-    if pairs:
-        chunks.append((start, pairs))
-    return chunks
+    return group_ranges([counts[p] + counts[pairs + p] for p in range(pairs)], budget)
 
 
 def _pair_token_chunks(keep: torch.Tensor, pairs: int, T: int, budget: int) -> list[Chunk]:

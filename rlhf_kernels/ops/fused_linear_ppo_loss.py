@@ -30,27 +30,43 @@ from ._linear import (
     save_linear_grads,
     scaled_linear_grads,
     select_rows,
+    sequence_chunks,
     token_chunks,
 )
+from .aggregation import aggregation_weights, check_agg, check_normalizer
 from .kl_penalty import check_kl_estimator, kl_penalty_and_grad
-from .ppo_loss import aggregation_weights, check_agg, check_clip, check_normalizer, check_token_inputs, tokens_fp32
+from .ppo_loss import (
+    check_clip,
+    check_is_weights,
+    check_policy_mode,
+    check_token_inputs,
+    is_weight_stats,
+    policy_stats,
+    tokens_fp32,
+)
 
-# Slots of the per-call totals: the weighted loss terms, then the counts and sums behind the statistics.
-_PPO, _ENT, _KL, _CLIPPED, _LOG_RATIO, _LOWER, _ENT_SUM, _KL_SUM, _MAX_DEV = range(9)
+# Slots of the per-call totals: the weighted loss terms, then the counts and sums behind the statistics (the
+# policy op's sums from _CLIP_LOW to _LOWER).
+_PPO, _ENT, _KL, _CLIP_LOW, _CLIP_HIGH, _LOG_RATIO, _LOWER, _ENT_SUM, _KL_SUM, _MAX_DEV, _PG_COUNT = range(11)
 
 
 class FusedLinearPPOLossFunction(torch.autograd.Function):
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 (ignore_index where not counted), old,
-    adv, ref | None, w: (N,) fp32 -> (loss (), totals (9,)) fp32."""
+    adv, ref | None, w, w_pg: (N,) fp32 (aggregation weights; times the importance weights) -> (loss (), totals
+    (11,)) fp32. ``seq_lengths``: None (token ratios), or the rows of each sequence (rows laid out sequence by
+    sequence) for the sequence-level ratios, whose chunks then hold whole sequences."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, w, coefs, clips, estimator, inv_t, ignore, chunk, be):
+    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, w, w_pg, coefs, policy, estimator, inv_t, ignore,
+                chunk, seq_lengths, be):  # fmt: skip
         kl_coef, entropy_coef = coefs
+        no_offsets = torch.empty(0, dtype=torch.int64, device=hidden.device)
 
-        def step(_, logits, y, old_c, adv_c, w_c, ref_c):  # logits (C, V), the rest (C,) -> grad_logits, totals
+        def step(chunk_, logits, y, old_c, adv_c, w_c, w_pg_c, ref_c):  # logits (C, V), the rest (C,)
             counted = w_c != 0
+            offsets = no_offsets if chunk_.info is None else chunk_.info
             lp, ent, row_max, log_norm = torch.ops.rlhf_kernels.logprobs_fwd(logits[None], y[None], inv_t, ignore, be)
-            g_lp, sums = torch.ops.rlhf_kernels.ppo_policy_fwd(lp[0], old_c, adv_c, w_c, *clips, be)
+            g_lp, sums = torch.ops.rlhf_kernels.ppo_policy_fwd(lp[0], old_c, adv_c, w_pg_c, offsets, *policy, be)
             kl, kl_sum = sums.new_zeros(()), sums.new_zeros(())
             if ref_c is not None:
                 k, dk = kl_penalty_and_grad(lp[0] - ref_c, estimator)
@@ -60,19 +76,24 @@ class FusedLinearPPOLossFunction(torch.autograd.Function):
                     g_lp = g_lp + torch.where(counted, (kl_coef * w_c) * dk, 0.0)
             dev = torch.where(counted, (lp[0] - old_c).abs(), 0.0).max()
             # in the slot order; ent is 0 at tokens that do not count (their label is ignore_index)
-            totals = torch.stack((sums[0], (w_c * ent[0]).sum(), kl, *sums[1:], ent.sum(), kl_sum, dev))
+            pg_count = (w_pg_c != 0).sum().to(torch.float32)
+            totals = torch.stack((sums[0], (w_c * ent[0]).sum(), kl, *sums[1:], ent.sum(), kl_sum, dev, pg_count))
             g_ent = w_c * -entropy_coef
             args = (logits[None], y[None], g_lp[None], g_ent[None], row_max, log_norm, ent, inv_t, ignore, be)
             return torch.ops.rlhf_kernels.logprobs_bwd(*args)[0], totals  # (C, V), dtype of the logits
 
-        chunks = token_chunks(hidden.shape[0], chunk)
-        inputs = (labels, old, adv, w, ref)
+        if seq_lengths is None:
+            chunks = token_chunks(hidden.shape[0], chunk)
+        else:
+            chunks = sequence_chunks(seq_lengths, chunk, hidden.device)
+        inputs = (labels, old, adv, w, w_pg, ref)
         outs, grads = run_chunks(hidden, weight, bias, chunks, step, inputs, ctx.needs_input_grad[:3])
         save_linear_grads(ctx, grads)
-        totals = torch.zeros(9, dtype=torch.float32, device=hidden.device)
+        totals = torch.zeros(11, dtype=torch.float32, device=hidden.device)
         for part in outs:  # added in chunk order; the largest deviation is a maximum
             totals[:_MAX_DEV] += part[:_MAX_DEV]
             totals[_MAX_DEV] = torch.maximum(totals[_MAX_DEV], part[_MAX_DEV])
+            totals[_PG_COUNT] += part[_PG_COUNT]
         ctx.mark_non_differentiable(totals)
         loss = totals[_PPO] + kl_coef * totals[_KL] - entropy_coef * totals[_ENT]
         return loss, totals
@@ -89,12 +110,14 @@ class FusedLinearPPOLossFunction(torch.autograd.Function):
             None,  # adv
             None,  # ref
             None,  # w
+            None,  # w_pg
             None,  # coefs
-            None,  # clips
+            None,  # policy
             None,  # estimator
             None,  # inv_t
             None,  # ignore
             None,  # chunk
+            None,  # seq_lengths
             None,  # be
         )
 
@@ -116,6 +139,11 @@ def fused_linear_ppo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
+    loss_type: str = "clip",
+    ratio_level: str = "token",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    is_weights: torch.Tensor | None = None,
     agg: str = "token-mean",
     normalizer: float | torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -139,17 +167,23 @@ def fused_linear_ppo_loss(
         mask: ``(..., T)`` bool or 0/1: the response tokens.
         ref_logprobs: ``(..., T)`` reference log-probs; required when ``kl_coef`` is non-zero (the KL-in-loss
             form of GRPO). kl_estimator: ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``.
-        clip_low, clip_high, dual_clip, agg, normalizer: as in :func:`rlhf_kernels.ppo_policy_loss`; the
-            ``normalizer`` (the denominator of the whole optimizer step) divides all three terms.
+        clip_low, clip_high, dual_clip, loss_type, ratio_level, sapo_tau_pos, sapo_tau_neg, agg, normalizer: as in
+            :func:`rlhf_kernels.ppo_policy_loss`; the ``normalizer`` (the denominator of the whole optimizer step)
+            divides all three terms. With a sequence-level ratio the chunks hold whole sequences (a sequence
+            longer than ``chunk_size`` is a chunk of its own).
+        is_weights: ``(..., T)`` or ``(...)`` importance weights >= 0 multiplied into the surrogate term only (not
+            the KL and entropy terms), as in :func:`rlhf_kernels.ppo_policy_loss`.
         chunk_size: tokens per chunk (default :func:`rlhf_kernels.ops._linear.default_chunk_size`).
         check: verify labels at masked positions lie in [0, V) (one host sync).
 
     Returns ``(loss, stats)``: 0-dim fp32 ``loss`` differentiable with respect to ``hidden``, ``weight`` and
-    ``bias``; detached ``stats``: ``policy/clipfrac``, ``policy/approxkl``, ``policy/clipfrac_lower``,
-    ``policy/entropy`` (mean over masked tokens), ``policy/kl`` (mean ``kl_estimator`` estimate over masked tokens;
-    only with ``ref_logprobs``) and ``policy/max_abs_log_ratio`` (largest |log pi - log pi_old| over masked
-    tokens: 0 at the first mini-batch of an update when the rollout log-probs are reproduced exactly), all over
-    this batch's masked tokens, whatever the ``normalizer``.
+    ``bias``; detached ``stats``: ``policy/clipfrac``, ``policy/clipfrac_low``, ``policy/clipfrac_high``,
+    ``policy/approxkl``, ``policy/clipfrac_lower`` (over the tokens the surrogate counts, as in
+    :func:`rlhf_kernels.ppo_policy_loss`; ``policy/is_weight_mean`` and ``policy/is_weight_zero_frac`` with
+    ``is_weights``), ``policy/entropy`` (mean over masked tokens), ``policy/kl`` (mean ``kl_estimator`` estimate
+    over masked tokens; only with ``ref_logprobs``) and ``policy/max_abs_log_ratio`` (largest
+    |log pi - log pi_old| over masked tokens: 0 at the first mini-batch of an update when the rollout log-probs are
+    reproduced exactly), all over this batch's tokens, whatever the ``normalizer``.
 
     The gradients are computed during the forward pass (three GEMMs per chunk, no recomputation) and saved;
     ``backward`` scales them by the incoming gradient, once (a second backward through the same graph, as with
@@ -170,6 +204,8 @@ def fused_linear_ppo_loss(
             f"old_logprobs and ref_logprobs must have the token shape {tuple(tok_shape)} of hidden (..., T, H)"
         )
     check_clip(clip_low, clip_high, dual_clip)
+    codes = check_policy_mode(loss_type, ratio_level, dual_clip, sapo_tau_pos, sapo_tau_neg)
+    c = check_is_weights(is_weights, tok_shape, hidden.device)
     check_agg(agg)
     normalizer = check_normalizer(normalizer, hidden.device)
     check_kl_estimator(kl_estimator)
@@ -188,30 +224,38 @@ def fused_linear_ppo_loss(
     if name == "reference":  # the reference takes (..., T) advantages: broadcast per-sequence ones (GRPO) first
         adv = advantages if advantages.shape == tok_shape else advantages.unsqueeze(-1).expand(tok_shape)
         with autocast_off(hidden.device):  # the dtype rule (linear_operands): the operands' dtype
-            return reference.fused_linear_ppo_loss(
+            loss, stats = reference.fused_linear_ppo_loss(
                 hidden, weight, y, old_logprobs, adv, m, bias, ref_logprobs, kl_coef, kl_estimator, entropy_coef,
-                temperature, clip_low, clip_high, dual_clip, agg, ignore_index, normalizer,
+                temperature, clip_low, clip_high, dual_clip, agg, ignore_index, normalizer, loss_type, ratio_level,
+                sapo_tau_pos, sapo_tau_neg, c,
             )  # fmt: skip
+        return loss, {**stats, **is_weight_stats(c, m)}
     old, adv = tokens_fp32(old_logprobs, tok_shape), tokens_fp32(advantages, tok_shape)
     ref = None if ref_logprobs is None else tokens_fp32(ref_logprobs, tok_shape)
-    w = aggregation_weights(m, agg, normalizer).reshape(-1)
+    w = aggregation_weights(m, agg, normalizer)
+    w_pg = (w if c is None else w * c).reshape(-1)
+    w = w.reshape(-1)
     # GEMMs on the masked tokens only; autograd scatters grad_hidden back
     y = y.reshape(-1).contiguous()
-    _, h, y, old, adv, w, ref = select_rows(m.reshape(-1), hidden.reshape(-1, H), y, old, adv, w, ref)
+    idx, h, y, old, adv, w, w_pg, ref = select_rows(m.reshape(-1), hidden.reshape(-1, H), y, old, adv, w, w_pg, ref)
+    seq_lengths = None
+    if codes[1] != 0:  # sequence-level ratios: chunks of whole sequences (rows stay sequence by sequence)
+        T = tok_shape[-1]
+        seq_lengths = [T] * (m.numel() // max(T, 1)) if idx is None else m.reshape(-1, T).sum(-1).tolist()
     chunk = chunk_rows(chunk_size, h.shape[0], weight)
     h, weight, bias = detach_without_grad(h, weight, bias)
+    policy = (float(clip_low), float(clip_high), float(dual_clip or 0.0), *codes, float(sapo_tau_pos),
+              float(sapo_tau_neg))  # fmt: skip
     loss, totals = FusedLinearPPOLossFunction.apply(
-        h, weight, bias, y, old, adv, ref, w,
-        (float(kl_coef), float(entropy_coef)), (float(clip_low), float(clip_high), float(dual_clip or 0.0)),
-        kl_estimator, 1.0 / temperature, int(ignore_index), chunk, name,
+        h, weight, bias, y, old, adv, ref, w, w_pg, (float(kl_coef), float(entropy_coef)), policy,
+        kl_estimator, 1.0 / temperature, int(ignore_index), chunk, seq_lengths, name,
     )  # fmt: skip
     count = m.sum().clamp_min(1).to(torch.float32)
     stats = {
-        "policy/clipfrac": totals[_CLIPPED] / count,
-        "policy/approxkl": totals[_LOG_RATIO] / count,
-        "policy/clipfrac_lower": totals[_LOWER] / count,
+        **policy_stats(totals[[_PPO, _CLIP_LOW, _CLIP_HIGH, _LOG_RATIO, _LOWER]], totals[_PG_COUNT]),
         "policy/entropy": totals[_ENT_SUM] / count,
         "policy/max_abs_log_ratio": totals[_MAX_DEV],
+        **is_weight_stats(c, m),
     }
     if ref is not None:
         stats["policy/kl"] = totals[_KL_SUM] / count
