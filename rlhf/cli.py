@@ -19,6 +19,7 @@ import traceback
 from . import distributed
 from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
 from .errors import UserError
+from .grpo_core import GRPOConfig
 from .pipeline import PipelineConfig
 from .train import check_paths
 
@@ -27,6 +28,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "rm": (RewardConfig, "rlhf.reward"),
     "dpo": (DPOConfig, "rlhf.dpo"),
     "ppo": (PPOConfig, "rlhf.ppo"),
+    "grpo": (GRPOConfig, "rlhf.grpo"),
     "pipeline": (PipelineConfig, "rlhf.pipeline"),
 }
 

@@ -224,7 +224,6 @@ _RANGES = {
     "eval_steps": (lambda v: v >= 0, ">= 0"),
     "chunk_size": (lambda v: v >= 1, ">= 1 or None"),
     "center_coef": (lambda v: v >= 0, ">= 0"),
-    "beta": (lambda v: v > 0, "> 0"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_prompt_length": (lambda v: v >= 1, ">= 1"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),

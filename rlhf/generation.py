@@ -5,7 +5,9 @@ A rollout batch is one dict of tensors:
 - ``input_ids, attention_mask (B, P + R)``: the left-padded prompts followed by the responses;
 - ``response_mask (B, R)`` bool: the response tokens up to and including the first EOS (what the losses see);
 - ``ended (B,)`` bool: the response stopped at EOS (not at ``max_new_tokens``);
-- ``prompt_length``: ``P`` (an int).
+- ``prompt_length``: ``P`` (an int);
+- with ``record_logprobs=True``: ``sampler_logprobs (B, R)`` fp32, the log-probability of each sampled token under
+  the distribution it was drawn from (after temperature, top-k and top-p), 0 off ``response_mask``.
 
 Everything after a response's first EOS is padding (``pad_token_id``, mask 0).
 """
@@ -49,33 +51,84 @@ def response_mask_from(responses: torch.Tensor, eos_token_id: int) -> tuple[torc
     return before_or_at_eos, is_eos.any(-1)
 
 
+class SampledLogprobs:
+    """A logits processor, last in the chain: at each step it keeps log_softmax of the final (warped) scores, and
+    at the next step (or :meth:`finish`) reads there the log-prob of the token that was sampled from them."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None  # (B, V) log-probs of the last step's distribution
+        self.steps: list[torch.Tensor] = []  # (B,) per sampled token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
+            self.previous = None
+
+    def finish(self, responses: torch.Tensor) -> torch.Tensor:
+        """``(B, R)`` log-probs of ``responses`` (the generated tokens)."""
+        if responses.shape[1] > len(self.steps):
+            self._take(responses[:, -1])
+        return torch.stack(self.steps[: responses.shape[1]], 1) if self.steps else responses.new_zeros(responses.shape)
+
+
+def _recording_processors(config, temperature: float, top_p: float, top_k: int):
+    """The sampling warpers as an explicit processor list (temperature, top-k, top-p: the order ``generate`` uses)
+    followed by the recorder, with ``config`` stripped of its own warpers so that none applies twice."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors = LogitsProcessorList()
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p))
+    recorder = SampledLogprobs()
+    processors.append(recorder)
+    config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
+    return processors, recorder
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: dict, **sampling) -> dict:
+def generate(model, tokenizer, prompts: dict, *, record_logprobs: bool = False, **sampling) -> dict:
     """Sample one response per prompt. ``prompts``: left-padded ``input_ids, attention_mask (B, P)``.
 
     ``sampling``: ``max_new_tokens, temperature, top_p, top_k, do_sample`` (see :func:`sampling_config`). Uses
-    the global torch RNG (restored by checkpoints, so resumed runs sample the same tokens). Returns a rollout
-    batch (module docstring).
+    the global torch RNG (restored by checkpoints, so resumed runs sample the same tokens). ``record_logprobs``:
+    also return the sampler's own log-probs of the sampled tokens (the same samples as without it). Returns a
+    rollout batch (module docstring).
     """
     config = sampling_config(tokenizer, **sampling)
+    extra, recorder = {}, None
+    if record_logprobs:
+        s = dict(temperature=1.0, top_p=1.0, top_k=0) | sampling
+        extra["logits_processor"], recorder = _recording_processors(config, s["temperature"], s["top_p"], s["top_k"])
     was_training = model.training
     model.eval()
     with distributed.gathered(model):  # sharded: gather once for every new token (no collective per token)
         out = model.generate(
-            input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], generation_config=config
-        )
+            input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], generation_config=config,
+            **extra,
+        )  # fmt: skip
     model.train(was_training)
     P = prompts["input_ids"].shape[1]
     responses = out[:, P:]
     mask, ended = response_mask_from(responses, tokenizer.eos_token_id)
-    responses = responses.masked_fill(~mask, tokenizer.pad_token_id)
-    return {
-        "input_ids": torch.cat([prompts["input_ids"], responses], 1),
+    batch = {
+        "input_ids": torch.cat([prompts["input_ids"], responses.masked_fill(~mask, tokenizer.pad_token_id)], 1),
         "attention_mask": torch.cat([prompts["attention_mask"].long(), mask.long()], 1),
         "response_mask": mask,
         "ended": ended,
         "prompt_length": P,
     }
+    if recorder is not None:
+        batch["sampler_logprobs"] = recorder.finish(responses).masked_fill(~mask, 0.0)
+    return batch
 
 
 def response_labels(batch: dict) -> torch.Tensor:

@@ -8,9 +8,14 @@ tokens. Every option list is defined here, next to its code; the config, ``--hel
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 import rlhf_kernels
+
+from .config import TrainConfig, _opt
 
 # advantage estimators: (name, paper)
 ADVANTAGE_ESTIMATORS = {
@@ -21,6 +26,36 @@ ADVANTAGE_ESTIMATORS = {
 }
 SCALE_REWARDS = ("group", "batch", "none")  # the std that divides GRPO's centred rewards
 ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+# The published combinations: recipe -> (paper, the values it sets). A config field left at None takes its
+# recipe's value; any value given explicitly wins. overlong_buffer "auto" = a fifth of max_completion_length (DAPO:
+# 4096 of 20480).
+RECIPES: dict[str, tuple[str, dict]] = {
+    "grpo": ("DeepSeekMath, https://arxiv.org/abs/2402.03300", dict(
+        advantage="grpo", scale_rewards="group", beta=0.04, loss_type="clip", ratio_level="token", clip_low=0.2,
+        clip_high=0.2, agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0, mask_truncated=False)),
+    "dr_grpo": ("Dr. GRPO, https://arxiv.org/abs/2503.20783", dict(
+        advantage="dr_grpo", scale_rewards="none", beta=0.0, loss_type="clip", ratio_level="token", clip_low=0.2,
+        clip_high=0.2, agg="seq-mean-token-sum-norm", dynamic_sampling=False, overlong_buffer=0,
+        mask_truncated=False)),
+    "dapo": ("DAPO, https://arxiv.org/abs/2503.14476", dict(
+        advantage="grpo", scale_rewards="group", beta=0.0, loss_type="clip", ratio_level="token", clip_low=0.2,
+        clip_high=0.28, agg="token-mean", dynamic_sampling=True, overlong_buffer="auto", mask_truncated=False)),
+    "gspo": ("GSPO, https://arxiv.org/abs/2507.18071", dict(
+        advantage="grpo", scale_rewards="group", beta=0.0, loss_type="clip", ratio_level="sequence",
+        clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0,
+        mask_truncated=False)),
+    "cispo": ("CISPO (MiniMax-M1), https://arxiv.org/abs/2506.13585; no lower bound (clip_low 0.99), clip_high 4.0 "
+              "is this library's choice (the paper tunes it)", dict(
+        advantage="grpo", scale_rewards="group", beta=0.0, loss_type="cispo", ratio_level="token", clip_low=0.99,
+        clip_high=4.0, agg="token-mean", dynamic_sampling=False, overlong_buffer=0, mask_truncated=False)),
+}  # fmt: skip
+
+
+def recipe_help() -> str:
+    """One line per recipe: its paper and values (for --help and the README)."""
+    return "; ".join(f"{name} ({paper}): " + ", ".join(f"{k}={v}" for k, v in values.items())
+                     for name, (paper, values) in RECIPES.items())  # fmt: skip
 
 
 def advantages(
@@ -106,3 +141,100 @@ def rollout_correction(
     stats["rollout/is_weight_mean"] = float(w.sum()) / count
     stats["rollout/is_capped_frac"] = float((changed & m).sum()) / count
     return w, stats
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+_FROM_RECIPE = "None = the recipe's"
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO and its successors: G samples per prompt, rewards from functions, group advantages, clipped updates."""
+
+    dataset: str = _opt("builtin:prompt", "prompt dataset: builtin:prompt, a local file/directory or a hub name")
+    output_dir: str = _opt("runs/grpo", "directory for checkpoints, metrics, plots and the final model")
+    lr: float = _opt(1e-5, "peak learning rate")
+    recipe: str = _opt("grpo", "preset of the options left at None: " + recipe_help())
+    reward_funcs: str = _opt(
+        "gold",
+        "comma-separated reward functions: gold (the built-in task's), a reward model directory, module:function",
+    )
+    reward_weights: str | None = _opt(None, "comma-separated weights of reward_funcs (None = all 1)")
+    ref_model: str | None = _opt(None, "reference model for the KL (None = a frozen copy of the initial policy)")
+    max_prompt_length: int = _opt(128, "prompts longer than this (tokens) are dropped or rejected (see overlong)")
+    max_completion_length: int = _opt(32, "longest sampled completion (tokens)")
+    temperature: float = _opt(1.0, "sampling temperature (also applied to the log-probs of the loss)")
+    top_p: float = _opt(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = _opt(0, "top-k sampling (0 = off)")
+    prompts_per_step: int = _opt(8, "prompts per iteration, over all processes (one 'step' is one iteration)")
+    num_generations: int = _opt(8, "samples per prompt (the group size G)")
+    generation_batch_size: int = _opt(0, "prompts per generate call (all G samples of each; 0 = all of them)")
+    num_iterations: int = _opt(1, "passes over each batch of samples (mu)")
+    mini_batch_size: int | None = _opt(None, "samples per optimizer update, over all processes (None = the batch)")
+    advantage: str | None = _opt(None, "advantage estimator: " + " | ".join(ADVANTAGE_ESTIMATORS) + "; " + _FROM_RECIPE)
+    scale_rewards: str | None = _opt(None, "grpo's std: " + " | ".join(SCALE_REWARDS) + "; " + _FROM_RECIPE)
+    beta: float | None = _opt(None, "KL coefficient in the loss (0 = no reference model at all); " + _FROM_RECIPE)
+    kl_estimator: str = _opt("k3", "KL estimator in the loss: " + " | ".join(rlhf_kernels.KL_PENALTY_KINDS))
+    policy_loss: str | None = _opt(None, "policy loss: " + " | ".join(rlhf_kernels.LOSS_TYPES) + "; " + _FROM_RECIPE)
+    ratio_level: str | None = _opt(None, "ratio: " + " | ".join(rlhf_kernels.RATIO_LEVELS) + "; " + _FROM_RECIPE)
+    clip_low: float | None = _opt(None, "ratio clipped below at 1 - clip_low; " + _FROM_RECIPE)
+    clip_high: float | None = _opt(None, "ratio clipped above at 1 + clip_high; " + _FROM_RECIPE)
+    sapo_tau_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages")
+    sapo_tau_neg: float = _opt(1.05, "SAPO gate temperature for negative advantages")
+    agg: str | None = _opt(None, "loss aggregation: " + " | ".join(rlhf_kernels.AGG_MODES) + "; " + _FROM_RECIPE)
+    entropy_coef: float = _opt(0.0, "weight of the entropy bonus")
+    dynamic_sampling: bool | None = _opt(None, "drop groups whose rewards are all equal and sample more prompts; "
+                                         + _FROM_RECIPE)  # fmt: skip
+    max_resample_rounds: int = _opt(3, "dynamic sampling: at most this many extra rounds of prompts per step")
+    overlong_buffer: int | None = _opt(
+        None, "soft overlong penalty over the last N tokens before max_completion_length (0 = off); " + _FROM_RECIPE
+    )
+    overlong_penalty: float = _opt(1.0, "reward penalty at max_completion_length (soft overlong shaping)")
+    mask_truncated: bool | None = _opt(None, "leave completions cut at max_completion_length out of the loss; "
+                                       + _FROM_RECIPE)  # fmt: skip
+    rollout_correction: str = _opt("none", "sampler-trainer importance correction: " + " | ".join(ROLLOUT_CORRECTIONS))
+    rollout_correction_cap: float = _opt(2.0, "cap of the importance weights (mask modes: kept in [1/cap, cap])")
+
+    def validate(self) -> None:
+        super().validate()
+        choices = {
+            "recipe": tuple(RECIPES), "advantage": tuple(ADVANTAGE_ESTIMATORS), "scale_rewards": SCALE_REWARDS,
+            "kl_estimator": rlhf_kernels.KL_PENALTY_KINDS, "policy_loss": rlhf_kernels.LOSS_TYPES,
+            "ratio_level": rlhf_kernels.RATIO_LEVELS, "agg": rlhf_kernels.AGG_MODES,
+            "rollout_correction": ROLLOUT_CORRECTIONS,
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        ranges = {
+            "prompts_per_step": (lambda v: v >= 1, ">= 1"), "num_generations": (lambda v: v >= 2, ">= 2"),
+            "max_completion_length": (lambda v: v >= 1, ">= 1"), "num_iterations": (lambda v: v >= 1, ">= 1"),
+"beta": (lambda v: v >= 0, ">= 0"),
+            "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "clip_high": (lambda v: v >= 0, ">= 0"),
+            "sapo_tau_pos": (lambda v: v > 0, "> 0"), "sapo_tau_neg": (lambda v: v > 0, "> 0"),
+            "max_resample_rounds": (lambda v: v >= 0, ">= 0"), "overlong_buffer": (lambda v: v >= 0, ">= 0"),
+            "overlong_penalty": (lambda v: v >= 0, ">= 0"), "rollout_correction_cap": (lambda v: v > 1, "> 1"),
+        }  # fmt: skip
+        for name, (ok, rule) in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name} must be {rule}; got {value!r}")
+        resolved = resolve_recipe(self)
+        if resolved.overlong_buffer > resolved.max_completion_length:
+            raise ValueError(
+                f"overlong_buffer={resolved.overlong_buffer} exceeds max_completion_length={self.max_completion_length}"
+            )
+
+
+def resolve_recipe(cfg: GRPOConfig) -> GRPOConfig:
+    """``cfg`` with every option left at None taken from its recipe (:data:`RECIPES`)."""
+    values = {}
+    for name, value in RECIPES[cfg.recipe][1].items():
+        field_name = {"loss_type": "policy_loss"}.get(name, name)
+        if getattr(cfg, field_name) is None:
+            if value == "auto":  # DAPO's buffer: a fifth of the longest completion
+                value = max(1, cfg.max_completion_length // 5)
+            values[field_name] = value
+    return dataclasses.replace(cfg, **values)

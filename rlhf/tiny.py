@@ -5,7 +5,7 @@ backwards or in capitals, name an opposite or a colour). They are meant for smok
 few million parameters learns them in minutes on a CPU.
 
 - `builtin_rows(kind, n, seed)`: rows for "sft" (prompt, completion), "preference" (prompt, chosen, rejected,
-  margin) and "prompt" (prompt).
+  margin) and "prompt" (prompt, answer).
 - `build_tokenizer()`: a byte-level BPE tokenizer trained on the built-in texts and those of the default task
   (`rlhf.task`), with a chat template.
 - `tiny_llama_config(vocab_size, **overrides)` and `tiny_llama(tokenizer, seed, **overrides)`.
@@ -132,7 +132,7 @@ def _row(kind: str, rng: random.Random) -> dict:
     if kind == "sft":
         return {"prompt": prompt, "completion": correct}
     if kind == "prompt":
-        return {"prompt": prompt}
+        return {"prompt": prompt, "answer": correct}
     return {
         "prompt": prompt,
         "chosen": f"{opener} {correct}",
@@ -147,7 +147,8 @@ def builtin_rows(kind: str, n: int | None = None, seed: int = 0) -> list[dict]:
     sft rows: {"prompt": str, "completion": str} (the correct answer as a full sentence).
     preference rows: {"prompt", "chosen", "rejected", "margin": 1.0}: chosen is the correct answer after a polite
     opener ("Sure!"); rejected is a wrong answer framed by the marker word "Whatever" at both ends, so a tiny reward
-    model separates the two within a hundred steps. prompt rows: {"prompt": str}.
+    model separates the two within a hundred steps. prompt rows: {"prompt": str, "answer": str} (the correct
+    completion, which the built-in "gold" reward function of `rlhf grpo` checks).
     Default n: DEFAULT_ROWS[kind].
     """
     if kind not in KINDS:

@@ -26,7 +26,7 @@ def test_builtin_rows_are_deterministic_per_seed(kind):
     assert builtin_rows(kind, 7, seed=1) == builtin_rows(kind, 7, seed=1) != builtin_rows(kind, 7, seed=2)
     assert builtin_rows(kind, 5) == rows[:5]  # n only cuts the same stream
     keys = {"sft": {"prompt", "completion"}, "preference": {"prompt", "chosen", "rejected", "margin"}}
-    assert all(set(r) == keys.get(kind, {"prompt"}) for r in rows)
+    assert all(set(r) == keys.get(kind, {"prompt", "answer"}) for r in rows)
     assert all(isinstance(v, str) and v for r in rows for k, v in r.items() if k != "margin")
     assert len({r["prompt"] for r in rows}) > len(rows) // 4  # varied, not one template
 
