@@ -32,22 +32,22 @@ ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncat
 # 4096 of 20480).
 RECIPES: dict[str, tuple[str, dict]] = {
     "grpo": ("DeepSeekMath, https://arxiv.org/abs/2402.03300", dict(
-        advantage="grpo", scale_rewards="group", beta=0.04, loss_type="clip", ratio_level="token", clip_low=0.2,
+        advantage="grpo", scale_rewards="group", beta=0.04, policy_loss="clip", ratio_level="token", clip_low=0.2,
         clip_high=0.2, agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0, mask_truncated=False)),
     "dr_grpo": ("Dr. GRPO, https://arxiv.org/abs/2503.20783", dict(
-        advantage="dr_grpo", scale_rewards="none", beta=0.0, loss_type="clip", ratio_level="token", clip_low=0.2,
+        advantage="dr_grpo", scale_rewards="none", beta=0.0, policy_loss="clip", ratio_level="token", clip_low=0.2,
         clip_high=0.2, agg="seq-mean-token-sum-norm", dynamic_sampling=False, overlong_buffer=0,
         mask_truncated=False)),
     "dapo": ("DAPO, https://arxiv.org/abs/2503.14476", dict(
-        advantage="grpo", scale_rewards="group", beta=0.0, loss_type="clip", ratio_level="token", clip_low=0.2,
+        advantage="grpo", scale_rewards="group", beta=0.0, policy_loss="clip", ratio_level="token", clip_low=0.2,
         clip_high=0.28, agg="token-mean", dynamic_sampling=True, overlong_buffer="auto", mask_truncated=False)),
     "gspo": ("GSPO, https://arxiv.org/abs/2507.18071", dict(
-        advantage="grpo", scale_rewards="group", beta=0.0, loss_type="clip", ratio_level="sequence",
+        advantage="grpo", scale_rewards="group", beta=0.0, policy_loss="clip", ratio_level="sequence",
         clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0,
         mask_truncated=False)),
     "cispo": ("CISPO (MiniMax-M1), https://arxiv.org/abs/2506.13585; no lower bound (clip_low 0.99), clip_high 4.0 "
               "is this library's choice (the paper tunes it)", dict(
-        advantage="grpo", scale_rewards="group", beta=0.0, loss_type="cispo", ratio_level="token", clip_low=0.99,
+        advantage="grpo", scale_rewards="group", beta=0.0, policy_loss="cispo", ratio_level="token", clip_low=0.99,
         clip_high=4.0, agg="token-mean", dynamic_sampling=False, overlong_buffer=0, mask_truncated=False)),
 }  # fmt: skip
 
@@ -232,9 +232,8 @@ def resolve_recipe(cfg: GRPOConfig) -> GRPOConfig:
     """``cfg`` with every option left at None taken from its recipe (:data:`RECIPES`)."""
     values = {}
     for name, value in RECIPES[cfg.recipe][1].items():
-        field_name = {"loss_type": "policy_loss"}.get(name, name)
-        if getattr(cfg, field_name) is None:
+        if getattr(cfg, name) is None:
             if value == "auto":  # DAPO's buffer: a fifth of the longest completion
                 value = max(1, cfg.max_completion_length // 5)
-            values[field_name] = value
+            values[name] = value
     return dataclasses.replace(cfg, **values)

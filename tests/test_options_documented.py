@@ -10,6 +10,7 @@ import rlhf_kernels
 from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES
 
 config = pytest.importorskip("rlhf.config")
+grpo_core = pytest.importorskip("rlhf.grpo_core")
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -17,12 +18,17 @@ LISTS = {  # README table header (first column) -> (the list, the config field t
     "agg": (rlhf_kernels.AGG_MODES, "agg"),
     "loss_type": (rlhf_kernels.DPO_LOSS_TYPES, "loss_type"),
     "kl_estimator": (rlhf_kernels.KL_ESTIMATORS, "kl_estimator"),
+    "policy_loss": (rlhf_kernels.LOSS_TYPES, "policy_loss"),
+    "ratio_level": (rlhf_kernels.RATIO_LEVELS, "ratio_level"),
+    "advantage": (tuple(grpo_core.ADVANTAGE_ESTIMATORS), "advantage"),
+    "rollout_correction": (grpo_core.ROLLOUT_CORRECTIONS, "rollout_correction"),
+    "recipe": (tuple(grpo_core.RECIPES), "recipe"),
 }
 
 
 def readme_table(first_column: str) -> list[list[str]]:
     """The rows of the README table whose header starts with ``| first_column |``, as lists of cell texts."""
-    lines = README.splitlines()
+    lines = [line.strip() for line in README.splitlines()]  # tables inside list items are indented
     start = next(i for i, line in enumerate(lines) if re.match(rf"\|\s*{first_column}\s*\|", line))
     rows = []
     for line in lines[start + 2 :]:
@@ -47,7 +53,7 @@ def test_readme_says_which_dpo_losses_average():
 @pytest.mark.parametrize("name", sorted(LISTS))
 def test_config_validation_and_help_read_the_list(name):
     options, field = LISTS[name]
-    cls = next(c for c in (config.PPOConfig, config.DPOConfig) if hasattr(c(), field))
+    cls = next(c for c in (config.PPOConfig, config.DPOConfig, grpo_core.GRPOConfig) if hasattr(c(), field))
     help_text = config.config_help(cls)
     line = next(line for line in help_text.splitlines() if line.split()[0] == field)
     assert all(option in line for option in options), line
@@ -58,3 +64,11 @@ def test_config_validation_and_help_read_the_list(name):
         cfg.validate()
     with pytest.raises(ValueError, match=field):
         cls(**{field: "not-an-option"}).validate()
+
+
+def test_readme_recipes_state_their_values():
+    """Each recipe row names its paper and every value it sets, as rlhf.grpo_core.RECIPES holds them."""
+    for row in readme_table("recipe"):
+        paper, values = grpo_core.RECIPES[row[0].strip("`")]
+        assert paper.split(",")[0] in row[1]
+        assert row[2] == ", ".join(f"{k}={v}" for k, v in values.items())
