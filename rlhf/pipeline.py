@@ -1,12 +1,17 @@
-"""The whole recipe in one command: SFT -> reward model -> PPO, and SFT -> DPO, then evaluation and a report.
+"""The whole recipe in one command: SFT -> reward model -> PPO, SFT -> DPO and SFT -> GRPO, then evaluation and a
+report.
 
 ``rlhf pipeline`` with no arguments runs the built-in task (:mod:`rlhf.task`) on the built-in tiny Llama: it
 writes the task's data, fine-tunes on mixed-quality demonstrations, samples response pairs from the SFT policy
 and labels them with a Bradley-Terry draw on the task's programmatic gold reward (noisy labels, as human labels
 are), trains a reward model on them, runs PPO against that reward model and DPO on the same pairs, and evaluates
 SFT, PPO, DPO and best-of-n sampling from SFT on held-out prompts: gold reward, reward-model reward, exact KL to
-the SFT policy, response length, win rate against SFT. The report (``report.md``, ``results.json``, PNG plots)
-goes to ``output_dir``.
+the SFT policy, response length, win rate against SFT. GRPO trains on the gold reward itself as a verifiable reward
+(``grpo_reward=rm``: on the learned reward model) and is evaluated beside them. The report (``report.md``,
+``results.json``, PNG plots) goes to ``output_dir``.
+
+``task=qa`` runs SFT -> GRPO on the built-in verifiable task (:mod:`rlhf.qa_task`: questions with one exact answer)
+and reports held-out pass@1 and pass@k of SFT and GRPO.
 
 Every stage writes into its own directory and a ``DONE`` marker at its end, so re-running the command skips the
 finished stages and resumes an interrupted one from its checkpoints; ``--restart`` starts over. Your own model,
@@ -24,9 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, _opt, load_config, validate_fields
+from .grpo_core import GRPOConfig
 
-STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "eval")
-STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}  # stage -> its *_args
+STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval")
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
+GRPO_LR = 2e-5  # the pipeline's GRPO learning rate (the stage's default is 1e-5)
+TASKS = {  # task -> its default stages
+    "reviews": "sft,pairs,rm,ppo,dpo,grpo,eval",
+    "qa": "sft,grpo,eval",
+}
 USER_DATA = {  # option -> the kind of data it holds
     "sft_dataset": "sft",
     "prompt_dataset": "prompt",
@@ -40,6 +51,7 @@ class PipelineConfig:
     """The whole pipeline: SFT -> RM -> PPO and SFT -> DPO on the built-in task, evaluated and reported."""
 
     output_dir: str = _opt("runs/pipeline", "directory of the stages, the data and the report")
+    task: str = _opt("reviews", "built-in task: reviews (gold reward, RM, PPO, DPO, GRPO) | qa (verifiable: SFT, GRPO)")
     model: str = _opt("builtin", "initial model: hub name, local path, 'builtin' or 'builtin-small'")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     seed: int = _opt(0, "seed of the data, every stage and the evaluation")
@@ -61,25 +73,41 @@ class PipelineConfig:
     rm_steps: int = _opt(200, "reward-model optimizer steps")
     ppo_steps: int = _opt(100, "PPO iterations (rollout + update)")
     dpo_steps: int = _opt(200, "DPO optimizer steps")
+    grpo_steps: int = _opt(30, "GRPO iterations (8 prompts x 8 samples each, by default)")
+    grpo_reward: str = _opt(
+        "gold", "GRPO's reward: gold (the task's verifiable reward) | rm (the learned reward model)"
+    )
+    pass_k: int = _opt(8, "task=qa: samples per held-out question for pass@1 and pass@k")
     sft_args: str = _opt("", "extra SFT options, 'key=value key=value' (see rlhf sft --help)")
     rm_args: str = _opt("", "extra reward-model options (see rlhf rm --help)")
     ppo_args: str = _opt("", "extra PPO options (see rlhf ppo --help)")
     dpo_args: str = _opt("", "extra DPO options (see rlhf dpo --help)")
-    stages: str = _opt("sft,pairs,rm,ppo,dpo,eval", "stages to run, comma-separated, in order")
+    grpo_args: str = _opt("", "extra GRPO options (see rlhf grpo --help)")
+    stages: str | None = _opt(None, "stages to run, comma-separated, in order (None = the task's: " + "; ".join(
+        f"{t}: {s}" for t, s in TASKS.items()) + ")")  # fmt: skip
     progress: bool = _opt(True, "show progress bars")
 
     def validate(self) -> None:
         validate_fields(self, required=("output_dir", "model"))
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.grpo_reward not in ("gold", "rm"):
+            raise ValueError(f"grpo_reward must be gold or rm; got {self.grpo_reward!r}")
+        if self.task == "qa" and set(self.stage_list()) & {"pairs", "rm", "ppo", "dpo"}:
+            raise ValueError("task=qa runs the stages sft, grpo and eval (no preference pairs or reward model)")
         unknown = [s for s in self.stage_list() if s not in STAGE_NAMES]
         if unknown:
             raise ValueError(f"stages: unknown {unknown}; choose from {', '.join(STAGE_NAMES)}")
-        for name in ("sft_examples", "train_prompts", "eval_prompts", "max_new_tokens"):
+        for name in ("sft_examples", "train_prompts", "eval_prompts", "max_new_tokens", "grpo_steps", "pass_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.label_beta <= 0:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
-        if "ppo" in self.stage_list() and "rm" not in self.stage_list() and not self.reward_model:
-            raise ValueError("stage ppo needs a reward model: add 'rm' to stages or set reward_model")
+        needs_rm = "ppo" in self.stage_list() or ("grpo" in self.stage_list() and self.grpo_reward == "rm")
+        if needs_rm and "rm" not in self.stage_list() and not self.reward_model:
+            raise ValueError(
+                "stages ppo and grpo_reward=rm need a reward model: add 'rm' to stages or set reward_model"
+            )
         for stage, cls in STAGE_CONFIGS.items():  # now, not when the stage starts minutes later
             try:
                 load_config(cls, None, shlex.split(getattr(self, f"{stage}_args")))
@@ -87,7 +115,7 @@ class PipelineConfig:
                 raise ValueError(f"{stage}_args: {err}") from None
 
     def stage_list(self) -> list[str]:
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
+        return [s.strip() for s in (self.stages or TASKS[self.task]).split(",") if s.strip()]
 
 
 # ------------------------------------------------------------------------------------------------ stage plumbing
@@ -146,7 +174,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
     """The built-in task's files (unless the user gave datasets): sft.jsonl, prompts.jsonl, eval_prompts.jsonl."""
-    from . import task
+    from . import qa_task, task
+
+    demos, prompt_rows = {  # task -> (demonstrations, prompts of a split); qa prompts carry their answer
+        "reviews": (task.sft_demonstrations, lambda n, seed, split: task.task_prompts(n, seed, split=split)),
+        "qa": (qa_task.sft_demonstrations, lambda n, seed, split: qa_task.qa_rows(n, split, seed)),
+    }[cfg.task]
 
     data = out / "data"
     paths = {
@@ -155,11 +188,11 @@ def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
         "eval_prompts": Path(cfg.eval_prompt_dataset) if cfg.eval_prompt_dataset else data / "eval_prompts.jsonl",
     }
     if not cfg.sft_dataset and not paths["sft"].is_file():
-        write_jsonl(task.sft_demonstrations(cfg.sft_examples, cfg.seed), paths["sft"])
+        write_jsonl(demos(cfg.sft_examples, cfg.seed), paths["sft"])
     if not cfg.prompt_dataset and not paths["prompts"].is_file():
-        write_jsonl(task.task_prompts(cfg.train_prompts, cfg.seed, split="train"), paths["prompts"])
+        write_jsonl(prompt_rows(cfg.train_prompts, cfg.seed, "train"), paths["prompts"])
     if not cfg.eval_prompt_dataset and not paths["eval_prompts"].is_file():
-        write_jsonl(task.task_prompts(cfg.eval_prompts, cfg.seed, split="eval"), paths["eval_prompts"])
+        write_jsonl(prompt_rows(cfg.eval_prompts, cfg.seed, "eval"), paths["eval_prompts"])
     return paths
 
 
@@ -287,6 +320,31 @@ def run_dpo(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
     return stage / "final"
 
 
+def run_grpo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: Path | None) -> Path:
+    from . import grpo
+
+    stage = out / "grpo"
+    if not is_done(stage):
+        gcfg = stage_config(
+            GRPOConfig,
+            cfg,
+            cfg.grpo_args,
+            model=sft_dir,
+            reward_funcs=rm_dir if cfg.grpo_reward == "rm" else "gold",
+            dataset=paths["prompts"],
+            output_dir=stage,
+            max_steps=cfg.grpo_steps,
+            max_completion_length=cfg.max_new_tokens,
+            lr=GRPO_LR,
+            eval_fraction=0.0,
+            eval_steps=0,
+            save_steps=10,
+            logging_steps=5,
+        )
+        mark_done(stage, grpo.train(gcfg, resume=True))
+    return stage / "final"
+
+
 def sample_responses(model_dir: Path, prompts: list[dict], *, max_new_tokens: int, seed: int, batch_size: int = 64):
     """One sampled response text per prompt row from the model saved in ``model_dir`` (deterministic per seed)."""
     import torch
@@ -309,86 +367,6 @@ def sample_responses(model_dir: Path, prompts: list[dict], *, max_new_tokens: in
             for ids, mask in zip(batch["input_ids"][:, P:], batch["response_mask"]):
                 texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
     return texts
-
-
-def evaluate_stage(
-    cfg: PipelineConfig, out: Path, paths: dict, policies: dict[str, Path], rm_dir: Path | None, pairs: dict
-) -> dict:
-    """Evaluate every trained policy (and best-of-n from SFT) on the held-out prompts; write the report."""
-    import torch
-
-    from . import evaluate as ev
-    from . import task
-    from .models import load_causal_lm, load_reward_model, load_tokenizer
-
-    stage = out / "eval"
-    if is_done(stage):
-        return read_done(stage)
-    builtin_task = not (cfg.sft_dataset or cfg.prompt_dataset or cfg.eval_prompt_dataset)
-    gold_fn = task.gold_reward if builtin_task else (lambda prompt, response: 0.0)  # gold columns dropped below
-    prompts = read_jsonl(paths["eval_prompts"])
-    tokenizer = load_tokenizer(str(policies["sft"]))
-    sft_model = load_causal_lm(str(policies["sft"]), tokenizer).eval()
-    rm = load_reward_model(str(rm_dir), tokenizer).eval() if rm_dir else None
-    common = dict(
-        sft_model=sft_model,
-        reward_model=rm,
-        gold_fn=gold_fn,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=64,
-        seed=cfg.seed,
-    )
-    results: dict[str, Any] = {"policies": {}}
-    with torch.no_grad():
-        base = ev.evaluate_policy(sft_model, tokenizer, prompts, **common)
-        results["policies"]["sft"] = base
-        for name, path in policies.items():
-            if name != "sft":
-                model = load_causal_lm(str(path), tokenizer).eval()
-                results["policies"][name] = ev.evaluate_policy(
-                    model, tokenizer, prompts, baseline_gold=base.get("per_prompt_gold"), **common
-                )
-        if rm is not None and cfg.best_of_n > 1:
-            results["policies"][f"best-of-{cfg.best_of_n} (SFT + RM)"] = ev.best_of_n(
-                sft_model,
-                rm,
-                tokenizer,
-                prompts,
-                n=cfg.best_of_n,
-                baseline_gold=base.get("per_prompt_gold"),
-                **{k: v for k, v in common.items() if k not in ("sft_model", "reward_model")},
-            )
-        if rm is not None and pairs.get("eval"):
-            results["rm_accuracy"] = ev.reward_accuracy(rm, tokenizer, read_jsonl(Path(pairs["eval"])))
-            results["rm_best_accuracy"] = pairs.get("best_accuracy")
-            if builtin_task:  # the gold reward itself as a classifier of these particular (noisy) labels
-                results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), task.gold_reward)
-    for policy in results["policies"].values():
-        policy.pop("per_prompt_gold", None)
-        policy["examples"] = [[p["prompt"], r] for p, r in zip(prompts[:3], policy.pop("responses", [])[:3])]
-        if not builtin_task:
-            for key in ("gold_reward", "gold_reward_sem", "win_rate_vs_sft"):
-                policy.pop(key, None)
-    write_report(cfg, results, out)
-    mark_done(stage, results)
-    return results
-
-
-def gold_label_accuracy(rows: list[dict], gold_fn) -> float:
-    """Share of preference rows whose chosen response has the higher gold reward (ties count half)."""
-    score = 0.0
-    for row in rows:
-        chosen, rejected = gold_fn(row["prompt"], row["chosen"]), gold_fn(row["prompt"], row["rejected"])
-        score += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
-    return score / max(len(rows), 1)
-
-
-def write_report(cfg: PipelineConfig, results: dict, out: Path) -> Path:
-    """``results.json``, ``report.md`` and ``report.png`` (gold reward against KL to SFT per policy)."""
-    from .report import render_report
-
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return render_report(cfg, results, out)
 
 
 def train(cfg: PipelineConfig, resume: bool = True) -> dict:
@@ -425,7 +403,16 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
         policies["ppo"] = run_ppo(cfg, out, paths, sft_dir, rm_dir)
     if "dpo" in stages:
         policies["dpo"] = run_dpo(cfg, out, sft_dir, pairs)
-    results = evaluate_stage(cfg, out, paths, policies, rm_dir, pairs) if "eval" in stages else {}
+    if "grpo" in stages:
+        policies["grpo"] = run_grpo(cfg, out, paths, sft_dir, rm_dir)
+    results = {}
+    if "eval" in stages:
+        from .pipeline_eval import evaluate_qa_stage, evaluate_stage
+
+        if cfg.task == "qa":
+            results = evaluate_qa_stage(cfg, out, paths, policies)
+        else:
+            results = evaluate_stage(cfg, out, paths, policies, rm_dir, pairs)
     trained = {name: path for name, path in {"sft": sft_dir, "rm": rm_dir, **policies}.items() if name in stages}
     if cfg.reward_model:  # the user's, not trained here
         trained.pop("rm", None)

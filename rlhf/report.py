@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
+    ("pass@1", "pass@1"),
+    ("pass@1_sem", "pass@1 s.e."),
+    ("pass@k", "pass@k"),
     ("gold_reward", "gold reward"),
     ("rm_reward", "RM reward"),
     ("kl_to_sft", "KL to SFT (nats/seq)"),
@@ -20,6 +23,8 @@ CURVES = (
     ("ppo", "objective_kl"),
     ("dpo", "rewards_accuracies"),
     ("dpo", "rewards_margins"),
+    ("grpo", "reward"),
+    ("grpo", "completions_mean_length"),
 )
 
 
@@ -48,9 +53,9 @@ def summary(results: dict, out: Path, models: dict[str, Path], seconds: float) -
     policies = results.get("policies", {})
     if (out / "report.md").is_file() and policies:
         lines[0] += f"; report: {out / 'report.md'}"
-    reward = "gold_reward" if any("gold_reward" in p for p in policies.values()) else "rm_reward"
+    reward = next((k for k in ("pass@1", "gold_reward") if any(k in p for p in policies.values())), "rm_reward")
     titles = dict(COLUMNS)
-    cols = [k for k in (reward, "kl_to_sft", "win_rate_vs_sft") if any(k in p for p in policies.values())]
+    cols = [k for k in (reward, "pass@k", "kl_to_sft", "win_rate_vs_sft") if any(k in p for p in policies.values())]
     if cols:
         width = max(len("policy"), *map(len, policies))
         lines.append("policy".ljust(width) + "".join(f"  {titles[k]}" for k in cols))

@@ -38,11 +38,12 @@ class RewardFunction:
 
 
 def _gold(prompts, completions, columns, batch):
+    from .qa_task import is_correct
     from .task import gold_reward
 
     answers = columns.get("answer") or [None] * len(prompts)
     return [
-        gold_reward(p, c) if a is None else float(" ".join(c.split()) == " ".join(str(a).split()))
+        gold_reward(p, c) if a is None else float(is_correct(c, a))
         for p, c, a in zip(prompts, completions, answers, strict=True)
     ]
 

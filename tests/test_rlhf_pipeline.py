@@ -22,23 +22,25 @@ SMALL = [
     "rm_steps=4",
     "ppo_steps=2",
     "dpo_steps=4",
+    "grpo_steps=2",
     "num_threads=1",
     "progress=false",
     "ppo_args=rollout_batch_size=8 mini_batch_size=4 ppo_epochs=1 plots=false tensorboard=false",
     "sft_args=plots=false tensorboard=false",
     "rm_args=plots=false tensorboard=false",
     "dpo_args=plots=false tensorboard=false",
+    "grpo_args=prompts_per_step=4 num_generations=2 plots=false tensorboard=false",
 ]
 
 
 def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
     out = tmp_path / "run"
     assert main(["pipeline", f"output_dir={out}", *SMALL]) == 0
-    for stage in ("sft", "pairs", "rm", "ppo", "dpo", "eval"):
+    for stage in ("sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval"):
         assert (out / stage / "DONE").is_file(), stage
     results = json.loads((out / "results.json").read_text())
     policies = results["policies"]
-    assert {"sft", "ppo", "dpo", "best-of-2 (SFT + RM)"} <= set(policies)
+    assert {"sft", "ppo", "dpo", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
     for name, metrics in policies.items():
         for key in ("gold_reward", "rm_reward", "kl_to_sft", "response_length"):
             assert key in metrics and metrics[key] == metrics[key], (name, key)  # present and not NaN
@@ -47,7 +49,8 @@ def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
     assert 0 <= results["rm_accuracy"] <= 1 and 0.5 <= results["rm_best_accuracy"] <= 1
     assert 0 <= results["gold_accuracy"] <= 1
     report = (out / "report.md").read_text()
-    assert "| ppo |" in report and "best reachable" in report and (out / "report.png").is_file()
+    assert "| ppo |" in report and "| grpo |" in report and "best reachable" in report
+    assert (out / "report.png").is_file()
 
     # a re-run skips every finished stage and reports the same numbers
     mtime = (out / "sft" / "DONE").stat().st_mtime_ns
@@ -63,9 +66,30 @@ def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
     assert json.loads((out / "results.json").read_text()) == results
 
 
+def test_pipeline_qa_task_sft_then_grpo(tmp_path):
+    """task=qa: SFT on correct answers, GRPO on the answer checker, pass@1 and pass@k of both."""
+    out = tmp_path / "qa"
+    args = [a for a in SMALL if not a.startswith(("ppo", "rm", "dpo", "best"))] + ["task=qa", "pass_k=3"]
+    assert main(["pipeline", f"output_dir={out}", *args]) == 0
+    assert not (out / "rm").exists() and not (out / "ppo").exists()
+    rows = [json.loads(line) for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(set(r) == {"prompt", "answer"} for r in rows)
+    train = {json.loads(line)["prompt"] for line in (out / "data" / "prompts.jsonl").read_text().splitlines()}
+    assert not train & {r["prompt"] for r in rows}  # held-out questions are never trained on
+    policies = json.loads((out / "results.json").read_text())["policies"]
+    assert set(policies) == {"sft", "grpo"}
+    for metrics in policies.values():
+        assert 0 <= metrics["pass@1"] <= metrics["pass@k"] <= 1 and metrics["k"] == 3 and metrics["num_prompts"] == 16
+    assert "pass@1" in (out / "report.md").read_text()
+
+
 def test_pipeline_config_rejects_unknown_stage():
     with pytest.raises(ValueError, match="stages"):
         PipelineConfig(stages="sft,nope").validate()
     with pytest.raises(ValueError, match="reward model"):
         PipelineConfig(stages="sft,ppo").validate()
     assert main(["pipeline", "stages=sft,ppo"]) == 2  # a config error, before anything is written
+    with pytest.raises(ValueError, match="task=qa runs the stages sft, grpo and eval"):
+        PipelineConfig(task="qa", stages="sft,rm,grpo").validate()
+    with pytest.raises(ValueError, match="reward model"):
+        PipelineConfig(stages="sft,grpo", grpo_reward="rm").validate()

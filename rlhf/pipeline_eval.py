@@ -1,0 +1,114 @@
+"""The pipeline's last stage: every trained policy on the held-out prompts, then the report (reviews task: gold and
+reward-model reward, exact KL to SFT, win rate, best-of-n; task=qa: pass@1 and pass@k)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .pipeline import PipelineConfig, is_done, mark_done, read_done, read_jsonl
+
+
+def evaluate_stage(
+    cfg: PipelineConfig, out: Path, paths: dict, policies: dict[str, Path], rm_dir: Path | None, pairs: dict
+) -> dict:
+    """Evaluate every trained policy (and best-of-n from SFT) on the held-out prompts; write the report."""
+    import torch
+
+    from . import evaluate as ev
+    from . import task
+    from .models import load_causal_lm, load_reward_model, load_tokenizer
+
+    stage = out / "eval"
+    if is_done(stage):
+        return read_done(stage)
+    builtin_task = not (cfg.sft_dataset or cfg.prompt_dataset or cfg.eval_prompt_dataset)
+    gold_fn = task.gold_reward if builtin_task else (lambda prompt, response: 0.0)  # gold columns dropped below
+    prompts = read_jsonl(paths["eval_prompts"])
+    tokenizer = load_tokenizer(str(policies["sft"]))
+    sft_model = load_causal_lm(str(policies["sft"]), tokenizer).eval()
+    rm = load_reward_model(str(rm_dir), tokenizer).eval() if rm_dir else None
+    common = dict(
+        sft_model=sft_model,
+        reward_model=rm,
+        gold_fn=gold_fn,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=64,
+        seed=cfg.seed,
+    )
+    results: dict[str, Any] = {"policies": {}}
+    with torch.no_grad():
+        base = ev.evaluate_policy(sft_model, tokenizer, prompts, **common)
+        results["policies"]["sft"] = base
+        for name, path in policies.items():
+            if name != "sft":
+                model = load_causal_lm(str(path), tokenizer).eval()
+                results["policies"][name] = ev.evaluate_policy(
+                    model, tokenizer, prompts, baseline_gold=base.get("per_prompt_gold"), **common
+                )
+        if rm is not None and cfg.best_of_n > 1:
+            results["policies"][f"best-of-{cfg.best_of_n} (SFT + RM)"] = ev.best_of_n(
+                sft_model,
+                rm,
+                tokenizer,
+                prompts,
+                n=cfg.best_of_n,
+                baseline_gold=base.get("per_prompt_gold"),
+                **{k: v for k, v in common.items() if k not in ("sft_model", "reward_model")},
+            )
+        if rm is not None and pairs.get("eval"):
+            results["rm_accuracy"] = ev.reward_accuracy(rm, tokenizer, read_jsonl(Path(pairs["eval"])))
+            results["rm_best_accuracy"] = pairs.get("best_accuracy")
+            if builtin_task:  # the gold reward itself as a classifier of these particular (noisy) labels
+                results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), task.gold_reward)
+    for policy in results["policies"].values():
+        policy.pop("per_prompt_gold", None)
+        policy["examples"] = [[p["prompt"], r] for p, r in zip(prompts[:3], policy.pop("responses", [])[:3])]
+        if not builtin_task:
+            for key in ("gold_reward", "gold_reward_sem", "win_rate_vs_sft"):
+                policy.pop(key, None)
+    write_report(cfg, results, out)
+    mark_done(stage, results)
+    return results
+
+
+def evaluate_qa_stage(cfg: PipelineConfig, out: Path, paths: dict, policies: dict[str, Path]) -> dict:
+    """task=qa: held-out pass@1 (with its standard error) and pass@k of every policy; write the report."""
+    import torch
+
+    from .models import load_causal_lm, load_tokenizer
+    from .qa_task import evaluate_qa
+
+    stage = out / "eval"
+    if is_done(stage):
+        return read_done(stage)
+    rows = read_jsonl(paths["eval_prompts"])
+    tokenizer = load_tokenizer(str(policies["sft"]))
+    results: dict[str, Any] = {"policies": {}}
+    with torch.no_grad():
+        for name, path in policies.items():
+            model = load_causal_lm(str(path), tokenizer).eval()
+            results["policies"][name] = evaluate_qa(
+                model, tokenizer, rows, k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
+            )
+    write_report(cfg, results, out)
+    mark_done(stage, results)
+    return results
+
+
+def gold_label_accuracy(rows: list[dict], gold_fn) -> float:
+    """Share of preference rows whose chosen response has the higher gold reward (ties count half)."""
+    score = 0.0
+    for row in rows:
+        chosen, rejected = gold_fn(row["prompt"], row["chosen"]), gold_fn(row["prompt"], row["rejected"])
+        score += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+    return score / max(len(rows), 1)
+
+
+def write_report(cfg: PipelineConfig, results: dict, out: Path) -> Path:
+    """``results.json``, ``report.md`` and ``report.png`` (gold reward against KL to SFT per policy)."""
+    from .report import render_report
+
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return render_report(cfg, results, out)

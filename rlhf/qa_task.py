@@ -1,0 +1,80 @@
+"""The built-in verifiable task: short questions with one exact answer, the question/answer tasks of
+:mod:`rlhf.tiny` (add two numbers, the next number, count letters, spell backwards or in capitals, an opposite, a
+colour). A completion is correct when it is the answer sentence ("7 plus 5 is 12."), whitespace aside: a checker,
+not a model, so the reward of GRPO on it is exact.
+
+Train and held-out questions are disjoint: each question string belongs to one split by a CRC32 hash (one in
+``EVAL_EVERY``). The SFT demonstrations are correct answers to train questions; a few hundred SFT steps leave a
+tiny model between 0 and 1 accuracy, with room for RL to improve it.
+
+``pass@1`` is the mean over questions of the fraction of ``k`` samples that are correct (unbiased); ``pass@k`` the
+fraction of questions with at least one correct sample among the ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+EVAL_EVERY = 5  # one question in EVAL_EVERY (by hash) is held out
+SPLITS = ("train", "eval")
+
+
+def split_of(question: str) -> str:
+    return "eval" if zlib.crc32(question.encode()) % EVAL_EVERY == 0 else "train"
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """The completion is the answer sentence, whitespace aside."""
+    return " ".join(completion.split()) == " ".join(str(answer).split())
+
+
+def qa_rows(n: int, split: str, seed: int = 0) -> list[dict]:
+    """``n`` rows ``{"prompt", "answer"}`` of ``split`` (questions may repeat: the task has a few thousand)."""
+    from .tiny import builtin_rows
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    rows, batch, drawn = [], max(4 * n, 64), 0
+    while len(rows) < n:
+        for row in builtin_rows("prompt", batch, seed=seed * 7919 + drawn):
+            if split_of(row["prompt"]) == split and len(rows) < n:
+                rows.append(row)
+        drawn += 1
+    return rows
+
+
+def sft_demonstrations(n: int, seed: int = 0) -> list[dict]:
+    """``n`` SFT rows ``{"prompt", "completion"}``: train questions with their correct answer."""
+    return [{"prompt": r["prompt"], "completion": r["answer"]} for r in qa_rows(n, "train", seed + 1)]
+
+
+def pass_at_k(correct: Sequence[Sequence[bool]]) -> dict[str, float]:
+    """From ``k`` graded samples per question: ``pass@1`` (mean fraction correct) with its standard error over
+    questions, and ``pass@k``."""
+    n = len(correct)
+    if n == 0:
+        raise ValueError("no questions to grade")
+    fractions = [sum(c) / len(c) for c in correct]
+    mean = sum(fractions) / n
+    var = sum((f - mean) ** 2 for f in fractions) / max(n - 1, 1)
+    return {
+        "pass@1": mean,
+        "pass@1_sem": math.sqrt(var / n),
+        "pass@k": sum(any(c) for c in correct) / n,
+        "k": len(correct[0]),
+    }
+
+
+def evaluate_qa(model, tokenizer, rows: list[dict], *, k: int, max_new_tokens: int, seed: int = 0,
+                batch_size: int = 64) -> dict:  # fmt: skip
+    """``k`` samples (temperature 1) per held-out question of ``rows`` ``{"prompt", "answer"}``, graded:
+    :func:`pass_at_k`."""
+    from .evaluate import sample_responses
+
+    samples = sample_responses(model, tokenizer, rows, n=k, max_new_tokens=max_new_tokens, seed=seed,
+                               batch_size=batch_size)  # fmt: skip
+    out = pass_at_k([[is_correct(s, r["answer"]) for s in group] for group, r in zip(samples, rows, strict=True)])
+    out["num_prompts"] = len(rows)
+    return out
