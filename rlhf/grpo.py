@@ -102,17 +102,19 @@ def _prompt_text(prompt) -> str:
 
 
 @torch.no_grad()
-def sample_groups(policy, tokenizer, rows: list[dict], cfg: GRPOConfig, *, seed: int) -> dict:
+def sample_groups(policy, tokenizer, rows: list[dict], cfg: GRPOConfig, *, step: int, first: int, round_: int = 0):
     """G completions of each prompt of ``rows`` (sample ``g`` of prompt ``i`` is row ``i * G + g``), generated in
-    chunks of ``generation_batch_size`` prompts; chunk ``c`` uses the seed ``seed + c``. The response dimension is
+    chunks of ``generation_batch_size`` prompts; a chunk's seed is a function of the run's seed, the step, the
+    global index of its first prompt (``rows`` start at ``first``) and the resampling round, so with a fixed
+    ``generation_batch_size`` the samples do not depend on the number of processes. The response dimension is
     padded to ``max_completion_length`` (the constant of the ``seq-mean-token-sum-norm`` aggregation)."""
     G, device = cfg.num_generations, next(policy.parameters()).device
     collate, size = PromptCollator(tokenizer.pad_token_id), cfg.generation_batch_size or max(len(rows), 1)
     parts = []
-    for c, start in enumerate(range(0, len(rows), size)):
+    for start in range(0, len(rows), size):
         prompts = to_device(collate([r for r in rows[start : start + size] for _ in range(G)]), device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + c)
+            torch.manual_seed(chunk_seed(cfg.seed, step, first + start) * 1009 + round_)
             batch = generate(
                 policy, tokenizer, prompts, record_logprobs=True, max_new_tokens=cfg.max_completion_length,
                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, do_sample=True,
@@ -151,13 +153,12 @@ def sample_step(policy, tokenizer, rows: list[dict], cfg: GRPOConfig, functions,
     (their advantages are 0: they add no policy gradient), so every step has ``prompts_per_step`` groups.
     Returns ``(batch, stats)``."""
     G, target = cfg.num_generations, len(rows)
-    seed = chunk_seed(cfg.seed, step, first) * 1009
     rng = random.Random(f"grpo-dynamic-{cfg.seed}-{step}-{first}")
     kept, flat_groups, stats = [], [], {}
     for round_ in range(cfg.max_resample_rounds + 1 if cfg.dynamic_sampling else 1):
         if round_ > 0:
             rows = [pool[rng.randrange(len(pool))] for _ in range(target - len(kept))]
-        batch = sample_groups(policy, tokenizer, rows, cfg, seed=seed + 7919 * round_)
+        batch = sample_groups(policy, tokenizer, rows, cfg, step=step, first=first, round_=round_)
         batch = score_groups(batch, rows, cfg, functions, tokenizer)
         flat = zero_variance_groups(batch["rewards"].cpu(), torch.arange(len(rows)).repeat_interleave(G))
         if round_ == 0:
@@ -282,7 +283,9 @@ def iteration(ctx: StepContext, models: dict, cfg: GRPOConfig, tokenizer, head: 
     """One GRPO iteration on this process's prompts ``ctx.rows``; returns the same metrics on every process."""
     policy, ref = models["policy"], models["ref"]
     first = distributed.context().rank * len(ctx.rows)
-    local, stats = sample_step(policy, tokenizer, ctx.rows, cfg, functions, pool, step=ctx.step, first=first)
+    local, mine = sample_step(policy, tokenizer, ctx.rows, cfg, functions, pool, step=ctx.step, first=first)
+    world = distributed.context().world  # the process's fraction of the groups: means of means over processes
+    stats = distributed.reduce_stats({k: v / world if k == "frac_reward_zero_std" else v for k, v in mine.items()})
     local["group"] = (first + torch.arange(local["input_ids"].shape[0] // cfg.num_generations)).repeat_interleave(
         cfg.num_generations
     ).to(local["input_ids"].device)  # fmt: skip

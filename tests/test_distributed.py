@@ -66,6 +66,19 @@ PPO = [
     "eval_fraction=0.1",
 ]
 
+GRPO = [
+    "max_steps=2",
+    "prompts_per_step=4",
+    "num_generations=3",
+    "batch_size=2",
+    "generation_batch_size=2",
+    "mini_batch_size=6",
+    "num_iterations=2",
+    "max_completion_length=6",
+    "eval_fraction=0.1",
+    "reward_funcs=reward_fns:completion_length",  # tests/reward_fns.py: non-zero advantages from the first step
+]
+
 # name -> (stage, options); the one-process run adds grad_accum=2 to supervised stages
 RUNS = {
     "sft": ("sft", SUPERVISED),
@@ -74,6 +87,8 @@ RUNS = {
     "dpo": ("dpo", SUPERVISED),
     "dpo-replicated-ref": ("dpo", [*SUPERVISED, "shard_frozen=false", "loss_type=ipo"]),
     **{f"ppo-{agg}": ("ppo", [*PPO, f"agg={agg}"]) for agg in AGG_MODES},
+    "grpo": ("grpo", [*GRPO, "recipe=grpo"]),
+    "grpo-gspo-batch-std": ("grpo", [*GRPO, "recipe=gspo", "scale_rewards=batch", "rollout_correction=token_mask"]),
 }
 
 
@@ -208,7 +223,7 @@ def equivalence(tmp_path_factory):
         root = tmp_path_factory.mktemp(f"procs{procs}")
         runs = []
         for name, (stage, options) in RUNS.items():
-            extra = ["grad_accum=2"] if procs == 1 and stage != "ppo" else []
+            extra = ["grad_accum=2"] if procs == 1 and stage not in ("ppo", "grpo") else []
             if procs == 1:  # one process: no sharding options
                 options = [o for o in options if not o.startswith("distributed=")]
             runs.append({"stage": stage, "overrides": [*COMMON, *options, *extra, f"output_dir={root / name}"]})
