@@ -14,6 +14,7 @@ Backends: Triton (GPU), CUDA C++ and CPU C++ (``rlhf_kernels._C``, optional), an
 
 from . import reference
 from ._backend import BACKENDS, available_backends, backend_status
+from .ops._policy_inputs import LOSS_TYPES, RATIO_LEVELS
 from .ops.aggregation import AGG_MODES, aggregate_loss, aggregation_denominator
 from .ops.dpo_loss import DPO_LOSS_TYPES, dpo_loss
 from .ops.fused_linear_dpo_loss import fused_linear_dpo_loss
@@ -26,7 +27,7 @@ from .ops.kl import kl_from_logits
 from .ops.kl_penalty import KL_ESTIMATORS, KL_PENALTY_KINDS, kl_penalty
 from .ops.logprobs import entropy, logprobs
 from .ops.masked_stats import masked_mean, masked_var, masked_whiten
-from .ops.ppo_loss import LOSS_TYPES, RATIO_LEVELS, ppo_policy_loss, ppo_value_loss
+from .ops.ppo_loss import ppo_policy_loss, ppo_value_loss
 from .ops.token_rewards import token_rewards
 
 __version__ = "0.1.0"

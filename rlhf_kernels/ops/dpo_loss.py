@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._policy_inputs import _float_tensor
 from .aggregation import check_normalizer
-from .ppo_loss import _float_tensor
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo")
 AVERAGED_LOSS_TYPES = ("ipo", "simpo")  # defined on length-averaged log-probs

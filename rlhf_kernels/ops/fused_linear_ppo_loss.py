@@ -33,9 +33,7 @@ from ._linear import (
     sequence_chunks,
     token_chunks,
 )
-from .aggregation import aggregation_weights, check_agg, check_normalizer
-from .kl_penalty import check_kl_estimator, kl_penalty_and_grad
-from .ppo_loss import (
+from ._policy_inputs import (
     check_clip,
     check_is_weights,
     check_policy_mode,
@@ -44,6 +42,8 @@ from .ppo_loss import (
     policy_stats,
     tokens_fp32,
 )
+from .aggregation import aggregation_weights, check_agg, check_normalizer
+from .kl_penalty import check_kl_estimator, kl_penalty_and_grad
 
 # Slots of the per-call totals: the weighted loss terms, then the counts and sums behind the statistics (the
 # policy op's sums from _CLIP_LOW to _LOWER).
