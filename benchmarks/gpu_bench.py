@@ -69,23 +69,30 @@ def bandwidth(device, quick: bool, skip: set[str]) -> str:
             continue
         ms = median_ms(functools.partial(fn, rewards, values, mask), device)
         _row(lines, "gae", f"B={b} T={t} float32", "fwd", name, ms, traffic / ms / 1e6, copy_gbs)
-    # PPO token losses: the low-level ops read four fp32 (N,) tensors and write the fp32 gradient
+    # PPO token losses: the low-level ops read four fp32 (N,) tensors and write the fp32 gradient (the GB/s count
+    # these 20 bytes per token; the sequence levels read the tokens again in their second and third passes)
     tokens = 2**12 if quick else 2**24
     g = torch.Generator(device=device).manual_seed(0)
     lp, old, adv = (torch.randn(tokens, device=device, generator=g) for _ in range(3))
     weight = (torch.rand(tokens, device=device, generator=g) > 0.2).float()
+    no_offsets = torch.empty(0, dtype=torch.int64, device=device)
+    offsets = torch.arange(0, tokens + 1, 1024, dtype=torch.int64, device=device)  # sequences of 1024 tokens
     copy_gbs = copy_bandwidth_gbs(lp)
-    ops = {
-        "ppo_policy_fwd": (lp, old, adv, weight, 0.2, 0.2, 3.0),
-        "ppo_value_fwd": (lp, old, adv, weight, 0.2),
-    }
-    for op, args in ops.items():
+    tok = (lp, old, adv, weight)
+    # (row name, op, arguments); policy: clip_low, clip_high, dual_clip, loss_type, ratio_level, tau_pos, tau_neg
+    ops = [
+        ("ppo_policy_fwd", "ppo_policy_fwd", (*tok, no_offsets, 0.2, 0.2, 3.0, 0, 0, 1.0, 1.05)),
+        ("ppo_policy_fwd sapo", "ppo_policy_fwd", (*tok, no_offsets, 0.2, 0.2, 0.0, 2, 0, 1.0, 1.05)),
+        ("ppo_policy_fwd sequence", "ppo_policy_fwd", (*tok, offsets, 3e-4, 4e-4, 0.0, 0, 1, 1.0, 1.05)),
+        ("ppo_value_fwd", "ppo_value_fwd", (*tok, 0.2)),
+    ]
+    for name, op, args in ops:
         status = rlhf_kernels.backend_status(device, op=op)
         for backend in _kernel_backends(device):
             if status[backend] != "ok":
                 continue
             ms = median_ms(functools.partial(call, op, backend, *args), device)
-            _row(lines, op, f"N={tokens} float32", "fwd (+grad)", backend, ms, 5 * 4 * tokens / ms / 1e6, copy_gbs)
+            _row(lines, name, f"N={tokens} float32", "fwd (+grad)", backend, ms, 5 * 4 * tokens / ms / 1e6, copy_gbs)
     return "\n".join(lines)
 
 

@@ -106,17 +106,26 @@ def row_ops(r: Runner, backends: list[str], vocabs, dtypes) -> None:
                         r.run(f"kl {direction} {name}", partial(_kl, backend, layout, base, ref, mask, g, direction))
 
 
-def _ppo(backend, kind, lp, old, adv, mask):
+# name -> (loss function, its options): the token-level clip with dual clip, CISPO per sequence (GSPO: the
+# per-sequence kernel, three passes), SAPO per sequence with per-token gradients (GSPO-token), the value loss
+PPO_LOSSES = {
+    "ppo_policy_loss": ("ppo_policy_loss", {"dual_clip": 3.0}),
+    "ppo_policy_loss cispo sequence": ("ppo_policy_loss", {"loss_type": "cispo", "ratio_level": "sequence"}),
+    "ppo_policy_loss sapo sequence_token": ("ppo_policy_loss", {"loss_type": "sapo", "ratio_level": "sequence_token"}),
+    "ppo_value_loss": ("ppo_value_loss", {"clip": 0.2}),
+}
+
+
+def _ppo(backend, name, lp, old, adv, mask):
+    fn, kw = PPO_LOSSES[name]
     lp = lp.clone().requires_grad_()
-    if kind == "policy":
-        loss, _ = rlhf_kernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, backend=backend)
-    else:
-        loss, _ = rlhf_kernels.ppo_value_loss(lp, old, adv, mask, clip=0.2, backend=backend)
+    loss, _ = getattr(rlhf_kernels, fn)(lp, old, adv, mask, backend=backend, **kw)
     loss.backward()
 
 
 def token_ops(r: Runner, backends: list[str]) -> None:
-    """GAE (short and long rows, holes in the mask, whitening) and the PPO policy and value losses."""
+    """GAE (short and long rows, holes in the mask, whitening) and the PPO policy (token and sequence levels) and
+    value losses."""
     dev = r.device
     for b, t in ((3, 5), (2, 1000), (1, 4099)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -136,8 +145,8 @@ def token_ops(r: Runner, backends: list[str]) -> None:
         adv = torch.randn(2, n, device=dev)
         mask = torch.rand(2, n, device=dev) > 0.3
         for backend in backends:
-            for kind in ("policy", "value"):
-                r.run(f"ppo_{kind}_loss N=2x{n} {backend}", partial(_ppo, backend, kind, lp, old, adv, mask))
+            for name in PPO_LOSSES:
+                r.run(f"{name} N=2x{n} {backend}", partial(_ppo, backend, name, lp, old, adv, mask))
 
 
 def _head(backend, name, hidden, weight, labels, mask, old, adv, ref_c, ref_r):

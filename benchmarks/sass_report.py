@@ -95,7 +95,17 @@ KERNELS = (
            "rlhf_cuda::gae_fwd_kernel<{T}, true>(", "rlhf_cuda::gae_threads(n)",
            "rlhf_cuda::gae_smem_bytes(rlhf_cuda::gae_threads(n))", tile=("BLOCK_T",)),
     Kernel("ppo_policy_fwd", (65536,), "N", ("fp32",), (0, 16), (0, 4), "ppo_loss.cuh",
-           "rlhf_cuda::ppo_loss_kernel<rlhf_cuda::PpoPolicyLoss, true>(", "rlhf_cuda::kPpoThreads", tile=("BLOCK",)),
+           "rlhf_cuda::ppo_loss_kernel<rlhf_cuda::PpoPolicyLoss<0>, true>(", "rlhf_cuda::kPpoThreads",
+           tile=("BLOCK",)),
+    # loss_type sapo (the most arithmetic per token), and the per-sequence kernel of ratio_level 1 (GSPO) for the
+    # clip and sapo losses; its main loop is pass 2 (four inputs read, the gradient written)
+    Kernel("ppo_policy_fwd/sapo", (65536,), "N", ("fp32",), (0, 16), (0, 4), "ppo_loss.cuh",
+           "rlhf_cuda::ppo_loss_kernel<rlhf_cuda::PpoPolicyLoss<2>, true>(", "rlhf_cuda::kPpoThreads",
+           cuda_only=True),
+    Kernel("ppo_policy_fwd/sequence", (65536,), "N", ("fp32",), (0, 16), (0, 4), "ppo_loss.cuh",
+           "rlhf_cuda::ppo_policy_seq_kernel<0, 1>(", "rlhf_cuda::kPpoThreads", cuda_only=True),
+    Kernel("ppo_policy_fwd/sequence-sapo", (65536,), "N", ("fp32",), (0, 16), (0, 4), "ppo_loss.cuh",
+           "rlhf_cuda::ppo_policy_seq_kernel<2, 1>(", "rlhf_cuda::kPpoThreads", cuda_only=True),
     Kernel("ppo_value_fwd", (65536,), "N", ("fp32",), (0, 16), (0, 4), "ppo_loss.cuh",
            "rlhf_cuda::ppo_loss_kernel<rlhf_cuda::PpoValueLoss, true>(", "rlhf_cuda::kPpoThreads", tile=("BLOCK",)),
 )  # fmt: skip

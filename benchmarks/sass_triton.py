@@ -51,8 +51,9 @@ def launcher_args(op: str, dtype: torch.dtype, n: int) -> tuple:
             1.0,
             0.95,
         )
-    if op == "ppo_policy_fwd":
-        return (*[torch.zeros(n, dtype=f32) for _ in range(4)], 0.2, 0.2, 0.0)
+    if op == "ppo_policy_fwd":  # loss_type clip, ratio_level token (offsets not read), SAPO temperatures unused
+        offsets = torch.empty(0, dtype=torch.int64)
+        return (*[torch.zeros(n, dtype=f32) for _ in range(4)], offsets, 0.2, 0.2, 0.0, 0, 0, 1.0, 1.05)
     if op == "ppo_value_fwd":
         return (*[torch.zeros(n, dtype=f32) for _ in range(4)], 0.2)
     raise ValueError(f"no representative arguments for op {op!r}")

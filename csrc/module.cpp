@@ -37,11 +37,12 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
   // Masked GAE with per-row advantage statistics (csrc/cpu/gae.cpp, csrc/cuda/gae.cu).
   m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor, Tensor)");
 
-  // PPO policy and value losses fused with their gradients; the second output is the (K,) column sums
-  // (csrc/cpu/ppo_loss.cpp, csrc/cuda/ppo_loss.cu).
+  // PPO-family policy losses (clip, CISPO, SAPO; token or sequence log-ratios) and the clipped value loss, fused
+  // with their gradients; the second output is the (K,) column sums (csrc/cpu/ppo_loss.cpp, csrc/cuda/ppo_loss.cu).
   m.def(
-      "ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor weight, float clip_low,"
-      " float clip_high, float dual_clip) -> (Tensor, Tensor)");
+      "ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor weight, Tensor seq_offsets,"
+      " float clip_low, float clip_high, float dual_clip, int loss_type, int ratio_level, float tau_pos,"
+      " float tau_neg) -> (Tensor, Tensor)");
   m.def(
       "ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor weight, float clip)"
       " -> (Tensor, Tensor)");

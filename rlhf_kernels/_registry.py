@@ -186,7 +186,9 @@ _OP_LIST = [
         """PPO-family policy loss per token fused with its gradient. The four inputs: (N,) fp32 contiguous, one
         device; token i counts iff weight[i] != 0 (its other inputs are then never read). seq_offsets: (S + 1,)
         int64 contiguous on that device, 0 = o_0 <= o_1 <= ... <= o_S = N, sequence s being tokens [o_s, o_s+1);
-        read only when ratio_level != 0 (may then be empty). d = logprobs - old_logprobs (fp32), A = advantages.
+        read only when ratio_level != 0 (at ratio_level 0 it may be empty). The CPU backends check the table; the
+        accelerator kernels clamp every offset into [0, N] instead (no host sync): a malformed table then gives
+        wrong values (tokens outside every sequence get grad 0), never an out-of-bounds access. d = logprobs - old_logprobs (fp32), A = advantages.
         The log-ratio x: ratio_level 0 (token): x = d; 1 (sequence, GSPO) and 2 (sequence_token, GSPO-token):
         x = D_s = (sum of the counted d of the token's sequence, in fp64) / n_s, n_s its counted tokens, rounded to
         fp32. rho = exp(clamp(x, -20, 20)), saturated = |x| > 20, lo = 1 - clip_low, hi = 1 + clip_high (formed in

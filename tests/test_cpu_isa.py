@@ -18,7 +18,7 @@ def test_cpu_isa_variant(isa):
     )
     selection = f"cpu and ({kinds} or identical)"
     here = os.path.dirname(__file__)
-    names = ("test_logprobs.py", "test_kl.py", "test_gae.py", "test_ppo_loss_ops.py")
+    names = ("test_logprobs.py", "test_kl.py", "test_gae.py", "test_ppo_loss_ops.py", "test_ppo_loss_ops_modes.py")
     files = [os.path.join(here, f) for f in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     proc = subprocess.run([*cmd, "-k", selection], env=env, capture_output=True, text=True)

@@ -55,8 +55,13 @@ def sum_rtol(device):
     return term_rtol(device) + U
 
 
-def policy_op(lp, olp, adv, w, clip_low, clip_high, dual_clip):
-    return torch.ops.rlhf_kernels_C.ppo_policy_fwd(lp, olp, adv, w, clip_low, clip_high, dual_clip)
+def policy_op(lp, olp, adv, w, clip_low, clip_high, dual_clip, loss_type=0, ratio_level=0, offsets=None,
+              tau_pos=1.0, tau_neg=1.05):  # fmt: skip
+    """The compiled op; by default loss_type clip at ratio_level token (no offsets: an empty table, never read)."""
+    if offsets is None:
+        offsets = torch.empty(0, dtype=torch.int64, device=lp.device)
+    args = (clip_low, clip_high, dual_clip, loss_type, ratio_level, tau_pos, tau_neg)
+    return torch.ops.rlhf_kernels_C.ppo_policy_fwd(lp, olp, adv, w, offsets, *args)
 
 
 def value_op(v, old, ret, w, clip):
@@ -64,8 +69,9 @@ def value_op(v, old, ret, w, clip):
 
 
 def ref_policy(lp, olp, adv, w, clip_low, clip_high, dual_clip):
-    """Schema formulas in fp64, on CPU. Returns grad (N,) and the per-token terms (4, N) whose sums are the op's
-    sums. d is formed in fp32 like the op does (exp turns its rounding into up to 20 u); the rest is fp64."""
+    """Schema formulas of loss_type clip at ratio_level token in fp64, on CPU. Returns grad (N,) and the per-token
+    terms (5, N) whose sums are the op's sums. d is formed in fp32 like the op does (exp turns its rounding into up to
+    20 u); the rest is fp64."""
     lp, olp, adv, w = (x.cpu() for x in (lp, olp, adv, w))
     d = (lp - olp).double()
     A, W = adv.double(), w.double()
@@ -78,7 +84,8 @@ def ref_policy(lp, olp, adv, w, clip_low, clip_high, dual_clip):
     loss = torch.where(lower, -A * dual_clip, loss)
     dl = torch.where(clipped | lower | (d.abs() > 20), 0.0, -A * r)
     counts = w != 0
-    terms = torch.stack([W * loss, clipped.double(), olp.double() - lp.double(), lower.double()])
+    low, high = (clipped & (A < 0)).double(), (clipped & (A > 0)).double()
+    terms = torch.stack([W * loss, low, high, olp.double() - lp.double(), lower.double()])
     return torch.where(counts, W * dl, 0.0), torch.where(counts, terms, 0.0)
 
 
@@ -97,14 +104,18 @@ def ref_value(v, old, ret, w, clip):
     return torch.where(counts & ~clipped, W * a, 0.0), torch.where(counts, terms, 0.0)
 
 
+COUNT_COLS = {5: (1, 2, 4), 2: (1,)}  # the count columns of the policy sums (5) and the value sums (2)
+
+
 def check_against_ref(device, grad, sums, ref_grad, ref_terms):
     assert grad.dtype == torch.float32 and grad.shape == ref_grad.shape
     assert sums.dtype == torch.float32 and sums.shape == (ref_terms.size(0),)
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=term_rtol(device), atol=0)
     sums = sums.cpu().double()
+    count_cols = COUNT_COLS[ref_terms.size(0)]
     for col in range(ref_terms.size(0)):
         expect = ref_terms[col].sum().item()
-        if col % 2 == 1:  # counts (columns 1 and 3) are exact
+        if col in count_cols:  # counts are exact
             assert sums[col].item() == expect, (col, sums[col].item(), expect)
         else:
             bound = sum_rtol(device) * ref_terms[col].abs().sum().item()
@@ -115,55 +126,56 @@ def tensors(device, *cols):
     return [torch.tensor(c, dtype=torch.float32, device=device) for c in cols]
 
 
-# (lp, olp, A, w, clip_low, clip_high, dual_clip) -> (grad, weight * l, clipped, old - lp, lower), one token each.
+# (lp, olp, A, w, clip_low, clip_high, dual_clip) -> (grad, weight * l, clip-low, clip-high, old - lp, lower), one
+# token each, loss_type clip at ratio_level token.
 # Unless noted clip_low = clip_high = 0.25, so r is clamped to [0.75, 1.25]; l1 = -A r, l2 = -A clamp(r).
 E = math.exp
 POLICY_HAND = {
     # r = 1: l1 = l2 = -2 (a tie is not clipped), grad -A r = -2
-    "inside": ((0.0, 0.0, 2.0, 1.0, 0.25, 0.25, 3.0), (-2.0, -2.0, 0, 0.0, 0)),
-    # r = e^0.5 = 1.649 > 1.25: l2 = -2.5 > l1 = -3.297: clipped, no gradient
-    "A>0 above": ((0.5, 0.0, 2.0, 1.0, 0.25, 0.25, 3.0), (0.0, -2.5, 1, -0.5, 0)),
+    "inside": ((0.0, 0.0, 2.0, 1.0, 0.25, 0.25, 3.0), (-2.0, -2.0, 0, 0, 0.0, 0)),
+    # r = e^0.5 = 1.649 > 1.25: l2 = -2.5 > l1 = -3.297: clipped (clip-high: A > 0), no gradient
+    "A>0 above": ((0.5, 0.0, 2.0, 1.0, 0.25, 0.25, 3.0), (0.0, -2.5, 0, 1, -0.5, 0)),
     # r = e^-0.5 = 0.607 < 0.75: l2 = -1.5 < l1 = -1.213: not clipped (the min keeps the unclipped term)
-    "A>0 below": ((-0.5, 0.0, 2.0, 1.0, 0.25, 0.25, 3.0), (-2 * E(-0.5), -2 * E(-0.5), 0, 0.5, 0)),
-    # A = -2, r = 0.607: l1 = 1.213 < l2 = 2 * 0.75 = 1.5: clipped
-    "A<0 below": ((-0.5, 0.0, -2.0, 1.0, 0.25, 0.25, 3.0), (0.0, 1.5, 1, 0.5, 0)),
+    "A>0 below": ((-0.5, 0.0, 2.0, 1.0, 0.25, 0.25, 3.0), (-2 * E(-0.5), -2 * E(-0.5), 0, 0, 0.5, 0)),
+    # A = -2, r = 0.607: l1 = 1.213 < l2 = 2 * 0.75 = 1.5: clipped (clip-low: A < 0)
+    "A<0 below": ((-0.5, 0.0, -2.0, 1.0, 0.25, 0.25, 3.0), (0.0, 1.5, 1, 0, 0.5, 0)),
     # A = -2, r = 1.649: l1 = 3.297 > l2 = 2.5: not clipped; 3.297 < -A dual_clip = 6: no dual clip
-    "A<0 above": ((0.5, 0.0, -2.0, 1.0, 0.25, 0.25, 3.0), (2 * E(0.5), 2 * E(0.5), 0, -0.5, 0)),
+    "A<0 above": ((0.5, 0.0, -2.0, 1.0, 0.25, 0.25, 3.0), (2 * E(0.5), 2 * E(0.5), 0, 0, -0.5, 0)),
     # A = -1, r = e^1.5 = 4.482 > 3 = -A dual_clip: l = 3, lower, no gradient
-    "dual clip": ((1.5, 0.0, -1.0, 1.0, 0.25, 0.25, 3.0), (0.0, 3.0, 0, -1.5, 1)),
+    "dual clip": ((1.5, 0.0, -1.0, 1.0, 0.25, 0.25, 3.0), (0.0, 3.0, 0, 0, -1.5, 1)),
     # the same token with dual clipping off: l = 4.482, gradient 4.482
-    "dual off": ((1.5, 0.0, -1.0, 1.0, 0.25, 0.25, 0.0), (E(1.5), E(1.5), 0, -1.5, 0)),
+    "dual off": ((1.5, 0.0, -1.0, 1.0, 0.25, 0.25, 0.0), (E(1.5), E(1.5), 0, 0, -1.5, 0)),
     # clip range [1, 1] and r = 1: l1 = l2 = -1, a tie: not clipped, gradient -1
-    "clip tie": ((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 3.0), (-1.0, -1.0, 0, 0.0, 0)),
+    "clip tie": ((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 3.0), (-1.0, -1.0, 0, 0, 0.0, 0)),
     # A = 0: l1 = l2 = 0, not clipped, gradient 0
-    "A=0": ((0.5, 0.0, 0.0, 1.0, 0.25, 0.25, 3.0), (0.0, 0.0, 0, -0.5, 0)),
+    "A=0": ((0.5, 0.0, 0.0, 1.0, 0.25, 0.25, 3.0), (0.0, 0.0, 0, 0, -0.5, 0)),
     # d = 24 - (-1) = 25 > 20: r = e^20, A = -2^-10: l = l1 = 2^-10 e^20 (dual off), no gradient (flat clamp)
-    "d>20": ((24.0, -1.0, -(2**-10), 1.0, 0.25, 0.25, 0.0), (0.0, 2**-10 * E(20), 0, -25.0, 0)),
+    "d>20": ((24.0, -1.0, -(2**-10), 1.0, 0.25, 0.25, 0.0), (0.0, 2**-10 * E(20), 0, 0, -25.0, 0)),
     # d = 18.5 - (-1.5) = 20 exactly: same l, and the gradient 2^-10 e^20 flows
-    "d=20": ((18.5, -1.5, -(2**-10), 1.0, 0.25, 0.25, 0.0), (2**-10 * E(20), 2**-10 * E(20), 0, -20.0, 0)),
+    "d=20": ((18.5, -1.5, -(2**-10), 1.0, 0.25, 0.25, 0.0), (2**-10 * E(20), 2**-10 * E(20), 0, 0, -20.0, 0)),
     # d = -20.5: r = e^-20 < 0.75, A = 1: l1 = -e^-20 > l2 = -0.75: not clipped, l = -e^-20, no gradient
-    "d<-20": ((-21.0, -0.5, 1.0, 1.0, 0.25, 0.25, 3.0), (0.0, -E(-20), 0, 20.5, 0)),
+    "d<-20": ((-21.0, -0.5, 1.0, 1.0, 0.25, 0.25, 3.0), (0.0, -E(-20), 0, 0, 20.5, 0)),
     # d = -20.25 - (-0.25) = -20 exactly: gradient -e^-20
-    "d=-20": ((-20.25, -0.25, 1.0, 1.0, 0.25, 0.25, 3.0), (-E(-20), -E(-20), 0, 20.0, 0)),
+    "d=-20": ((-20.25, -0.25, 1.0, 1.0, 0.25, 0.25, 3.0), (-E(-20), -E(-20), 0, 0, 20.0, 0)),
     # weight 0.5 on "inside": grad 0.5 * -2, term 0.5 * -2 (the log-ratio term is not weighted)
-    "weight": ((0.0, 0.0, 2.0, 0.5, 0.25, 0.25, 3.0), (-1.0, -1.0, 0, 0.0, 0)),
+    "weight": ((0.0, 0.0, 2.0, 0.5, 0.25, 0.25, 3.0), (-1.0, -1.0, 0, 0, 0.0, 0)),
     # weight 0: nothing counts, whatever the other inputs hold
-    "weight 0, NaN": ((math.nan, math.inf, math.nan, 0.0, 0.25, 0.25, 3.0), (0.0, 0.0, 0, 0.0, 0)),
+    "weight 0, NaN": ((math.nan, math.inf, math.nan, 0.0, 0.25, 0.25, 3.0), (0.0, 0.0, 0, 0, 0.0, 0)),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(POLICY_HAND))
 def test_policy_hand_computed(device, case):
-    (lp, olp, adv, w, cl, ch, dual), (g, loss, clipped, kl, lower) = POLICY_HAND[case]
+    (lp, olp, adv, w, cl, ch, dual), (g, loss, low, high, kl, lower) = POLICY_HAND[case]
     inputs = tensors(device, [lp], [olp], [adv], [w])
     grad, sums = policy_op(*inputs, cl, ch, dual)
-    assert sums.shape == (4,)
+    assert sums.shape == (5,)
     rtol = term_rtol(device)
     assert grad.item() == pytest.approx(g, rel=rtol, abs=0)
     assert sums[0].item() == pytest.approx(loss, rel=rtol, abs=0)
-    assert sums[2].item() == pytest.approx(kl, rel=U, abs=0)
-    assert (sums[1].item(), sums[3].item()) == (clipped, lower)
+    assert sums[3].item() == pytest.approx(kl, rel=U, abs=0)
+    assert (sums[1].item(), sums[2].item(), sums[4].item()) == (low, high, lower)
     check_against_ref(device, grad, sums, *ref_policy(*inputs, cl, ch, dual))
 
 
@@ -285,7 +297,12 @@ def test_ignored_tokens_are_never_read(device):
 def test_empty(device):
     x = torch.empty(0, device=device)
     grad, sums = policy_op(x, x, x, x, 0.2, 0.2, 3.0)
-    assert grad.shape == (0,) and sums.shape == (4,) and not sums.any()
+    assert grad.shape == (0,) and sums.shape == (5,) and not sums.any()
+    for level, offsets in ((1, [0]), (2, [0, 0, 0])):  # no sequence, or empty ones
+        for loss_type in range(3):
+            o = torch.tensor(offsets, device=device)
+            grad, sums = policy_op(x, x, x, x, 0.2, 0.2, 0.0, loss_type, level, o)
+            assert grad.shape == (0,) and sums.shape == (5,) and not sums.any()
     grad, sums = value_op(x, x, x, x, 0.2)
     assert grad.shape == (0,) and sums.shape == (2,) and not sums.any()
 
@@ -319,6 +336,8 @@ def test_deterministic_repeat(device):
 def _bad_policy_calls(device):
     x = torch.zeros(8, device=device)
     ok = (x, x, x, x)
+    o = torch.tensor([0, 3, 8], device=device)  # a valid table for N = 8
+    seq = (0.2, 0.2, 0.0, 0, 1)  # clips, loss_type clip, ratio_level sequence: the offsets are read
     return {
         "dtype": ((x, x, x.double(), x, 0.2, 0.2, 0.0), "advantages must be float32"),
         "bf16": ((x.bfloat16(), x, x, x, 0.2, 0.2, 0.0), "logprobs must be float32"),
@@ -331,6 +350,29 @@ def _bad_policy_calls(device):
         "clip_low < 0": ((*ok, -0.1, 0.2, 0.0), "clip_low must be finite and >= 0"),
         "clip_low inf": ((*ok, math.inf, 0.2, 0.0), "clip_low must be finite and >= 0"),
         "clip_high nan": ((*ok, 0.2, math.nan, 0.0), "clip_high must be finite and >= 0"),
+        "loss_type 3": ((*ok, 0.2, 0.2, 0.0, 3), r"loss_type must be 0 \(clip\), 1 \(cispo\) or 2 \(sapo\), got 3"),
+        "loss_type -1": ((*ok, 0.2, 0.2, 0.0, -1), r"loss_type must be 0 \(clip\), 1 \(cispo\) or 2 \(sapo\)"),
+        "ratio_level 3": (
+            (*ok, 0.2, 0.2, 0.0, 0, 3, o),
+            r"ratio_level must be 0 \(token\), 1 \(sequence\) or 2 \(sequence_token\), got 3",
+        ),
+        "dual with cispo": (
+            (*ok, 0.2, 0.2, 3.0, 1),
+            r"dual_clip applies only to loss_type 0 \(clip\); pass dual_clip = 0 with loss_type 1 \(cispo\)",
+        ),
+        "dual with sapo": ((*ok, 0.2, 0.2, 3.0, 2, 1, o), r"dual_clip = 0 with loss_type 2 \(sapo\), got dual_clip 3"),
+        "tau_pos 0": ((*ok, 0.2, 0.2, 0.0, 2, 0, None, 0.0), "tau_pos must be finite and > 0"),
+        "tau_pos inf": ((*ok, 0.2, 0.2, 0.0, 2, 0, None, math.inf), "tau_pos must be finite and > 0"),
+        "tau_neg nan": ((*ok, 0.2, 0.2, 0.0, 2, 0, None, 1.0, math.nan), "tau_neg must be finite and > 0"),
+        "tau_neg < 0": ((*ok, 0.2, 0.2, 0.0, 0, 0, None, 1.0, -1.0), "tau_neg must be finite and > 0"),
+        "offsets int32": ((*ok, *seq, o.int()), r"seq_offsets must be int64, got Int \(convert with .long\(\)\)"),
+        "offsets int32, token level": ((*ok, 0.2, 0.2, 0.0, 0, 0, o.int()), "seq_offsets must be int64"),
+        "offsets 2-D": ((*ok, *seq, o.view(1, 3)), r"seq_offsets must be 1-D \(S \+ 1,\)"),
+        "offsets strided": ((*ok, *seq, o.repeat_interleave(2)[::2]), "seq_offsets must be contiguous"),
+        "offsets empty": (
+            (*ok, *seq, o[:0]),
+            "seq_offsets must have at least one entry when ratio_level != 0",
+        ),
     }
 
 
@@ -340,6 +382,46 @@ def test_policy_bad_inputs(device, case):
     args, msg = _bad_policy_calls(device)[case]
     with pytest.raises(RuntimeError, match=msg):
         policy_op(*args)
+
+
+@pytest.mark.parametrize(
+    "offsets,msg",
+    [
+        ([1, 3, 8], r"seq_offsets\[0\] must be 0 \(the first sequence starts at token 0\), got 1"),
+        ([0, 3, 7], r"seq_offsets\[-1\] must be N = 8 \(the number of tokens"),
+        ([0, 3, 9], r"seq_offsets\[-1\] must be N = 8"),
+        ([0, 5, 3, 8], r"seq_offsets must be non-decreasing, got seq_offsets\[2\] = 3 < seq_offsets\[1\] = 5"),
+        ([0], r"seq_offsets\[-1\] must be N = 8"),
+    ],
+)
+def test_cpu_rejects_bad_offset_values(offsets, msg):
+    """The CPU backend checks the table's values when it reads it (ratio_level != 0), and ignores them otherwise."""
+    if not _registered("ppo_policy_fwd", "CPU"):
+        pytest.skip("rlhf_kernels._C lacks the CPU PPO loss ops")
+    x = torch.zeros(8)
+    bad = torch.tensor(offsets)
+    for level in (1, 2):
+        with pytest.raises(RuntimeError, match=msg):
+            policy_op(x, x, x, x, 0.2, 0.2, 0.0, 0, level, bad)
+    for a, b in zip(policy_op(x, x, x, x, 0.2, 0.2, 0.0, 0, 0, bad), policy_op(x, x, x, x, 0.2, 0.2, 0.0)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _registered("ppo_policy_fwd", "CUDA")), reason="needs the CUDA PPO loss ops"
+)
+def test_cuda_offsets_device_and_clamping():
+    """CUDA: the table must be on the tokens' device; its values are not checked (no host sync) but clamped into
+    [0, N], so an out-of-range first or last offset acts as 0 or N."""
+    x = torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"seq_offsets must be on the device of logprobs \(cuda:0\), got cpu"):
+        policy_op(x, x, x, x, 0.2, 0.2, 0.0, 0, 1, torch.tensor([0, 8]))
+    lp, olp, adv, w = (torch.randn(8, device="cuda") for _ in range(4))
+    for level in (1, 2):
+        good = policy_op(lp, olp, adv, w, 0.2, 0.2, 0.0, 0, level, torch.tensor([0, 3, 3, 8], device="cuda"))
+        clamped = policy_op(lp, olp, adv, w, 0.2, 0.2, 0.0, 0, level, torch.tensor([-5, 3, 3, 100], device="cuda"))
+        for a, b in zip(good, clamped):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
