@@ -183,27 +183,26 @@ _OP_LIST = [
         " float clip_low, float clip_high, float dual_clip, int loss_type, int ratio_level, float tau_pos,"
         " float tau_neg) -> (Tensor, Tensor)",
         ("grad", "sums"),
-        """PPO-family policy loss per token fused with its gradient. The four inputs: (N,) fp32 contiguous, one
-        device; token i counts iff weight[i] != 0 (its other inputs are then never read). seq_offsets: (S + 1,)
-        int64 contiguous on that device, 0 = o_0 <= o_1 <= ... <= o_S = N, sequence s being tokens [o_s, o_s+1);
-        read only when ratio_level != 0 (at ratio_level 0 it may be empty). The CPU backends check the table; the
-        accelerator kernels clamp every offset into [0, N] instead (no host sync): a malformed table then gives
-        wrong values (tokens outside every sequence get grad 0), never an out-of-bounds access. d = logprobs - old_logprobs (fp32), A = advantages.
-        The log-ratio x: ratio_level 0 (token): x = d; 1 (sequence, GSPO) and 2 (sequence_token, GSPO-token):
-        x = D_s = (sum of the counted d of the token's sequence, in fp64) / n_s, n_s its counted tokens, rounded to
-        fp32. rho = exp(clamp(x, -20, 20)), saturated = |x| > 20, lo = 1 - clip_low, hi = 1 + clip_high (formed in
-        fp64, rounded once). Per loss_type, the loss l, q = dl/dlog(rho) and the direct derivative e = dl/dlogprobs
-        (at fixed rho): 0 (clip): l1 = -A rho, l2 = -A clamp(rho, lo, hi), clipped = l2 > l1, l = clipped ? l2 : l1;
-        if dual_clip > 0 and A < 0 and l > -A dual_clip: l = -A dual_clip, lower; q = 0 if clipped, lower or
-        saturated, else l1; e = 0; clip-low = clipped and A < 0, clip-high = clipped and A > 0. 1 (cispo):
-        rc = clamp(rho, lo, hi) (a constant), l = -rc A logprobs, q = 0, e = -rc A; clip-low = rho < lo,
-        clip-high = rho > hi. 2 (sapo): tau = A > 0 ? tau_pos : tau_neg, g = sigmoid(tau (rho - 1)),
-        l = -g (4 / tau) A, q = saturated ? 0 : -4 A g (1 - g) rho, e = 0; clip-low = A < 0 and rho < lo, clip-high
-        = A > 0 and rho > hi (where the hard clip would act). dual_clip must be 0 unless loss_type is 0; tau_pos,
-        tau_neg > 0. Gradient of sum_i weight_i l_i: levels 0 and 2: grad_i = weight_i (q_i + e_i); level 1:
-        grad_i = weight_i e_i + G_s, G_s = (sum of weight_j q_j over the sequence's counted tokens, in fp64) / n_s
-        rounded to fp32. grad (N,) fp32 is 0 where a token does not count. sums (5,) fp32 over the counted tokens:
-        [sum weight * l, count of clip-low, count of clip-high, sum (old_logprobs - logprobs), count of lower],
+        """PPO-family policy loss per token fused with its gradient. The four inputs: (N,) fp32 contiguous, one device;
+        token i counts iff weight[i] != 0 (its other inputs are then never read). seq_offsets: (S + 1,) int64 contiguous
+        on that device, 0 = o_0 <= o_1 <= ... <= o_S = N, sequence s being tokens [o_s, o_s+1); read only when
+        ratio_level != 0 (at ratio_level 0 it may be empty). The CPU backends check the table; the accelerator kernels
+        clamp every offset into [0, N] instead (no host sync): a malformed table then gives wrong values (tokens outside
+        every sequence get grad 0), never an out-of-bounds access. d = logprobs - old_logprobs (fp32), A = advantages.
+        The log-ratio x: ratio_level 0 (token): x = d; 1 (sequence, GSPO) and 2 (sequence_token, GSPO-token): x = D_s =
+        (sum of the counted d of the token's sequence, in fp64) / n_s, n_s its counted tokens, rounded to fp32. rho =
+        exp(clamp(x, -20, 20)), saturated = |x| > 20, lo = 1 - clip_low, hi = 1 + clip_high (formed in fp64, rounded
+        once). Per loss_type, the loss l, q = dl/dlog(rho) and the direct derivative e = dl/dlogprobs (at fixed rho): 0
+        (clip): l1 = -A rho, l2 = -A clamp(rho, lo, hi), clipped = l2 > l1, l = clipped ? l2 : l1; if dual_clip > 0 and
+        A < 0 and l > -A dual_clip: l = -A dual_clip, lower; q = 0 if clipped, lower or saturated, else l1; e = 0; clip-
+        low = clipped and A < 0, clip-high = clipped and A > 0. 1 (cispo): rc = clamp(rho, lo, hi) (a constant), l = -rc
+        A logprobs, q = 0, e = -rc A; clip-low = rho < lo, clip-high = rho > hi. 2 (sapo): tau = A > 0 ? tau_pos :
+        tau_neg, g = sigmoid(tau (rho - 1)), l = -g (4 / tau) A, q = saturated ? 0 : -4 A g (1 - g) rho, e = 0; clip-low
+        = A < 0 and rho < lo, clip-high = A > 0 and rho > hi (where the hard clip would act). dual_clip must be 0 unless
+        loss_type is 0; tau_pos, tau_neg > 0. Gradient of sum_i weight_i l_i: levels 0 and 2: grad_i = weight_i (q_i +
+        e_i); level 1: grad_i = weight_i e_i + G_s, G_s = (sum of weight_j q_j over the sequence's counted tokens, in
+        fp64) / n_s rounded to fp32. grad (N,) fp32 is 0 where a token does not count. sums (5,) fp32 over the counted
+        tokens: [sum weight * l, count of clip-low, count of clip-high, sum (old_logprobs - logprobs), count of lower],
         added by the backend in a fixed order (bitwise reproducible).""",
         _ppo_fake(5),
         ref.ppo_policy_fwd_examples,
