@@ -92,8 +92,12 @@ def render_report(cfg: Any, results: dict, out: Path) -> Path:
     """Write ``report.md`` (and ``report.png``) into ``out``; returns the Markdown path."""
     lines = ["# rlhf pipeline report", "", f"Output directory: `{out}`; model `{cfg.model}`; seed {cfg.seed}.", ""]
     lines += ["## Policies on held-out prompts", ""]
+    verifiable = any("pass@1" in p for p in results["policies"].values())
     lines += [
-        "Means over one sampled response per held-out prompt (temperature 1). KL to SFT: the exact sequence KL "
+        "pass@1: the mean over held-out questions of the fraction of k samples (temperature 1) that are the exact "
+        "answer, with its standard error over questions; pass@k: the fraction of questions with a correct sample."
+        if verifiable
+        else "Means over one sampled response per held-out prompt (temperature 1). KL to SFT: the exact sequence KL "
         "(sum over response tokens of the full-vocabulary KL) on the policy's own samples; for best-of-n it is the "
         "analytic bound log n - (n-1)/n. Win rate: the share of prompts where the policy's gold reward beats the "
         "SFT sample's (ties count half).",
