@@ -79,6 +79,8 @@ def test_default_chunk_size():
     assert default_chunk_size(10, 50000, 64) == 10  # never more than N
     assert default_chunk_size(1000, 1000000, 8) == 1000  # at least 1024 rows per GEMM, at most N
     assert default_chunk_size(5000, 1000000, 8) == 1024
+    assert default_chunk_size(5000, 1000000, 8, "cpu") == 128  # a CPU GEMM is compute-bound from ~40 rows
+    assert default_chunk_size(16384, 32000, 4096, "cpu") == 4096  # the N x H target when it is larger
 
 
 def test_bad_inputs():

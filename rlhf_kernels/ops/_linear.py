@@ -84,15 +84,21 @@ def check_chunk_size(chunk_size: int | None) -> None:
 # reads and writes whole: 8 V H bytes against 2 C V H flops, so C / 4 flops per byte. A GPU is compute-bound at
 # ~200 flops per byte (H100/H200: ~1e15 bf16 flops/s over 3.4-4.8 TB/s), hence C >= ~800. With 128-row chunks the
 # first H200 run measured the log-prob, KL and PPO heads at 2-3.4x the time of the unfused path at H = 4096,
-# V = 128k, while the DPO head, whose chunks are whole pairs (2048 rows there), was faster than unfused.
+# V = 128k, while the DPO head, whose chunks are whole pairs (2048 rows there), was faster than unfused. A CPU
+# core is compute-bound at ~5-10 flops per byte (~50-100 GFLOP/s over ~10-20 GB/s), so 128 rows suffice there,
+# and the chunk's fp32 logits and their gradient (8 C V bytes: 262 MB at C = 1024, V = 32k) stay small: the
+# GRPO trainer benchmark (benchmarks/bench_trainers.py) measured its peak memory at 1.35x TRL's with 1024.
 MIN_CHUNK_ROWS = 1024
+MIN_CHUNK_ROWS_CPU = 128
 
 
-def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
+def default_chunk_size(n_tokens: int, vocab: int, hidden: int, device_type: str = "cuda") -> int:
     """Tokens per chunk: the chunk's logits hold about as many elements as the hidden states (N x H), as a
-    power of two, at least MIN_CHUNK_ROWS rows (the weight-gradient GEMMs stay compute-bound), and at most N."""
+    power of two, at least MIN_CHUNK_ROWS rows (MIN_CHUNK_ROWS_CPU on the CPU; the weight-gradient GEMMs stay
+    compute-bound), and at most N."""
     target = max(1, (n_tokens * hidden) // max(vocab, 1))
-    chunk = max(MIN_CHUNK_ROWS, 1 << (target - 1).bit_length())
+    floor = MIN_CHUNK_ROWS_CPU if device_type == "cpu" else MIN_CHUNK_ROWS
+    chunk = max(floor, 1 << (target - 1).bit_length())
     return max(1, min(chunk, n_tokens))
 
 
@@ -173,7 +179,8 @@ def sequence_chunks(lengths: list[int], budget: int, device: torch.device) -> li
 def chunk_rows(chunk_size: int | None, n_rows: int, weight: torch.Tensor) -> int:
     """Rows per chunk: ``chunk_size`` (checked by :func:`check_chunk_size`), else :func:`default_chunk_size`."""
     V, H = weight.shape
-    return max(int(chunk_size) if chunk_size is not None else default_chunk_size(n_rows, V, H), 1)
+    default = default_chunk_size(n_rows, V, H, weight.device.type) if chunk_size is None else int(chunk_size)
+    return max(default, 1)
 
 
 def _take(x: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
