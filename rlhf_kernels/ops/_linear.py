@@ -86,8 +86,7 @@ def check_chunk_size(chunk_size: int | None) -> None:
 # first H200 run measured the log-prob, KL and PPO heads at 2-3.4x the time of the unfused path at H = 4096,
 # V = 128k, while the DPO head, whose chunks are whole pairs (2048 rows there), was faster than unfused. A CPU
 # core is compute-bound at ~5-10 flops per byte (~50-100 GFLOP/s over ~10-20 GB/s), so 128 rows suffice there,
-# and the chunk's fp32 logits and their gradient (8 C V bytes: 262 MB at C = 1024, V = 32k) stay small: the
-# GRPO trainer benchmark (benchmarks/bench_trainers.py) measured its peak memory at 1.35x TRL's with 1024.
+# and the chunk's fp32 logits and their gradient (8 C V bytes: 262 MB at C = 1024, V = 32k) stay small.
 MIN_CHUNK_ROWS = 1024
 MIN_CHUNK_ROWS_CPU = 128
 
