@@ -14,10 +14,11 @@ pytest.importorskip("tokenizers")
 import torch  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
-from rlhf import dpo, ppo, reward, sft  # noqa: E402
+from rlhf import dpo, grpo, ppo, reward, sft  # noqa: E402
 from rlhf import train as core  # noqa: E402
 from rlhf.cli import STAGES  # noqa: E402
 from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig  # noqa: E402
+from rlhf.grpo_core import GRPOConfig  # noqa: E402
 
 RLHF = Path(core.__file__).resolve().parent
 FUSED_OPS = [name for name in rlhf_kernels.__all__ if name.startswith("fused_linear_")]
@@ -97,6 +98,11 @@ CASES = {
         ppo.train,
         PPOConfig,
         dict(reward_model="builtin-small", rollout_batch_size=4, mini_batch_size=2, batch_size=2, max_new_tokens=4),
+    ),
+    "grpo": (
+        grpo.train,
+        GRPOConfig,
+        dict(prompts_per_step=2, num_generations=2, mini_batch_size=2, batch_size=2, max_completion_length=4),
     ),
 }
 
