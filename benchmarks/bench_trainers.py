@@ -6,11 +6,13 @@ lengths, batch and optimizer: wall time per step split into generation / log-pro
 Default shape (the CPU target): a Llama-style model built here (vocabulary 32000, hidden 256, 4 layers, 4 heads),
 8 prompts of 16 tokens x G = 8 samples, completions of up to ``--completion`` tokens (a random model samples EOS
 with probability ~1/V per token, so nearly all reach the limit), one iteration per batch, micro-batches of 8
-samples, one AdamW step per batch (lr 1e-6), beta 0 (no reference model), temperature 1. Each provider runs in
-its own process: the timing run times steps 2..N (step 1 warms up), a second run profiles the tensor memory of two
-steps (the CPU profiler's allocation events, so the C allocator's page reuse does not blur it; the optimizer states are
-allocated in step 1 for both). TRL is optional: installed only for this benchmark (``pip install trl``); without
-it its row says so.
+samples, one AdamW step per batch (lr 1e-6), beta 0 (no reference model), temperature 1, activation checkpointing
+on for both (``--checkpointing on``, TRL's default; ``off`` turns it off for both). Each provider runs in its own
+process: the timing run times steps 2..N (step 1 warms up), a second run profiles the tensor memory of two steps
+(the CPU profiler's raw allocation and free records, so the C allocator's page reuse does not blur it; the
+gradients and optimizer states are allocated in step 1 for both, so both peaks include them). TRL is optional:
+installed only for this benchmark (``pip install trl``); without it its row says so. ``--memory-only`` skips
+the timing runs.
 
 Phases. Ours: generation = ``sample_step`` (all G samples of a prompt in one ``generate`` call, with the sampler's
 log-probs recorded, and the reward), log-probs = the no-grad "old" log-prob pass, update = ``grpo_update``. TRL:
@@ -94,6 +96,7 @@ def run_ours(assets: dict, args, steps: int, profile: bool) -> dict:
         model=assets["model"], dataset=assets["prompts"], prompts_per_step=args.prompts, num_generations=8,
         max_completion_length=args.completion, max_prompt_length=64, batch_size=8, num_iterations=1, beta=0.0,
         lr=1e-6, device=args.device, dtype=args.dtype, eval_fraction=0.0, weight_decay=0.0, max_grad_norm=1.0,
+        gradient_checkpointing=args.checkpointing == "on",
     ))  # fmt: skip
     device = torch.device(args.device)
     tokenizer = load_tokenizer(assets["model"])
@@ -149,7 +152,7 @@ def run_trl(assets: dict, args, steps: int, profile: bool) -> dict:
         num_iterations=1, beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, max_steps=2 if profile else steps, logging_steps=1, report_to=[],
         save_strategy="no", bf16=args.dtype == "bfloat16", temperature=1.0, top_p=1.0, disable_tqdm=True,
-        shuffle_dataset=False, seed=0,
+        shuffle_dataset=False, seed=0, gradient_checkpointing=args.checkpointing == "on",
     )  # fmt: skip
     trainer = GRPOTrainer(model=assets["model"], reward_funcs=reward, args=config,
                           train_dataset=datasets.Dataset.from_list(rows))  # fmt: skip
@@ -232,6 +235,8 @@ def measure(provider: str, assets: dict, args, profile: bool) -> dict:
         args.device,
         "--dtype",
         args.dtype,
+        "--checkpointing",
+        args.checkpointing,
     ]
     if profile:
         cmd.append("--profile")
@@ -253,6 +258,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--checkpointing", choices=["on", "off"], default="on",
+                   help="activation checkpointing, for both trainers (on: TRL's default)")  # fmt: skip
+    p.add_argument("--memory-only", action="store_true", help="skip the timing runs")
     p.add_argument("--out")
     p.add_argument("--child")
     p.add_argument("--assets")
@@ -272,7 +280,8 @@ def main() -> None:
             except ImportError:
                 results[provider] = {"error": "TRL is not installed (pip install trl): skipped"}
                 continue
-        results[provider] = {**measure(provider, assets, args, False), **measure(provider, assets, args, True)}
+        timing = {} if args.memory_only else measure(provider, assets, args, False)
+        results[provider] = {**timing, **measure(provider, assets, args, True)}
     heading = (f"One GRPO step: {args.prompts} prompts x G=8, completions of {args.completion} tokens, V={args.vocab}, "
                f"H={args.hidden}, {args.layers} layers, {args.dtype}, {args.device}")  # fmt: skip
     lines = [f"### {heading}", "", "| trainer | step (s) | generation (s) | log-probs (s) | update (s) | peak memory |",
@@ -281,12 +290,12 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | | | |")
             continue
-        lines.append(f"| {name} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['logprobs_s']:.2f} | "
-                     f"{r['update_s']:.2f} | {fmt_mem(r.get('peak_bytes'))} |")  # fmt: skip
+        times = [f"{r[k]:.2f}" if k in r else "-" for k in ("step_s", "generation_s", "logprobs_s", "update_s")]
+        lines.append(f"| {name} | {' | '.join(times)} | {fmt_mem(r.get('peak_bytes'))} |")
     if all("error" not in r for r in results.values()) and {"ours", "trl"} <= set(results):
         o, t = results["ours"], results["trl"]
-        lines += ["", f"ours / TRL: {t['step_s'] / o['step_s']:.2f}x faster per step, "
-                      f"{o['peak_bytes'] / t['peak_bytes']:.2f}x the peak memory"]  # fmt: skip
+        speed = f"{t['step_s'] / o['step_s']:.2f}x faster per step, " if "step_s" in o else ""
+        lines += ["", f"ours / TRL: {speed}{o['peak_bytes'] / t['peak_bytes']:.2f}x the peak memory"]
     publish("bench_trainers", "\n".join(lines), args.out)
     print(json.dumps({"environment": environment(), "results": results}, indent=1, default=str))
 

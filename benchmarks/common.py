@@ -53,13 +53,23 @@ def gpu_peak_extra_bytes(fn) -> int:
 
 def cpu_peak_extra_bytes(fn) -> int:
     """CPU: peak of the bytes held by tensors allocated while ``fn()`` runs (the CPU analogue of the CUDA allocator
-    peak), from the profiler's allocation and free events in time order. Independent of how the C allocator
-    recycles pages, unlike the resident set size."""
+    peak), from the profiler's raw allocation and free records in time order. Independent of how the C allocator
+    recycles pages, unlike the resident set size.
+
+    The raw records, not ``prof.events()``: there an allocation or free is folded into the ``self`` memory of the
+    innermost enclosing op and dated at that op's start, so a free inside a long op (an autograd node, the
+    optimizer step, a ``record_function`` range) would count as earlier than it happened and hide the peak."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    cpu = torch._C._autograd.DeviceType.CPU
+    records = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    ]
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for _, nbytes in sorted(records):
+        live += nbytes
         peak = max(peak, live)
     return peak
 

@@ -141,3 +141,20 @@ def test_fused_linear_ppo_loss_peak_vs_unfused(backend, mode, tmp_path):
     assert peaks["fused"] <= 2 * chunk * V * 4 + 2 * V * H * 4 + 4 * N * H * 4, peaks
     # so relative to the unfused path's 2 N V: (chunk + H) / N (logits chunk and weight gradient) + 2 H / V
     assert peaks["fused"] / peaks["unfused"] <= (chunk + H) / N + 2 * H / V, peaks
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU measure of the benchmarks")
+def test_benchmark_cpu_peak_sees_frees_at_their_time():
+    """The benchmarks' CPU peak: five 4 MB tensors held together inside one profiled range, freed there, then one
+    8 MB tensor. The peak is 20 MB; folding the frees into the range's start (as the aggregated profiler events do)
+    would report 8 MB."""
+    from benchmarks.common import cpu_peak_extra_bytes
+
+    def run():
+        with torch.profiler.record_function("held_together"):
+            xs = [torch.zeros(1_000_000) for _ in range(5)]
+            del xs
+        y = torch.zeros(2_000_000)
+        del y
+
+    assert cpu_peak_extra_bytes(run) == 20_000_000
