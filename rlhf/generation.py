@@ -52,22 +52,35 @@ def response_mask_from(responses: torch.Tensor, eos_token_id: int) -> tuple[torc
 
 
 class SampledLogprobs:
-    """A logits processor, last in the chain: at each step it keeps log_softmax of the final (warped) scores, and
-    at the next step (or :meth:`finish`) reads there the log-prob of the token that was sampled from them."""
+    """A logits processor, last in the chain: at each step it keeps the final (warped) scores, and at the next step
+    (or :meth:`finish`) takes the log-prob of the token that was sampled from them.
 
-    def __init__(self):
-        self.previous: torch.Tensor | None = None  # (B, V) log-probs of the last step's distribution
+    Without truncation (no top-k / top-p) the log-prob is computed by :func:`rlhf_kernels.logprobs`, the
+    batch-invariant kernel behind the trainers' fused head, so with batch-invariant attention
+    (:mod:`rlhf.batch_invariant`) the sampler's log-probs equal the trainer's bitwise; truncated scores hold
+    ``-inf`` and go through ``log_softmax``."""
+
+    def __init__(self, truncated: bool = False):
+        self.truncated = truncated
+        self.previous: torch.Tensor | None = None  # (B, V) the last step's final scores
         self.steps: list[torch.Tensor] = []  # (B,) per sampled token
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self._take(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float(), -1)
+        self.previous = scores
         return scores
 
     def _take(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            self.steps.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
-            self.previous = None
+        if self.previous is None:
+            return
+        if self.truncated:
+            lp = torch.log_softmax(self.previous.float(), -1).gather(1, tokens[:, None]).squeeze(1)
+        else:
+            import rlhf_kernels
+
+            lp = rlhf_kernels.logprobs(self.previous, tokens).float()
+        self.steps.append(lp)
+        self.previous = None
 
     def finish(self, responses: torch.Tensor) -> torch.Tensor:
         """``(B, R)`` log-probs of ``responses`` (the generated tokens)."""
@@ -76,19 +89,30 @@ class SampledLogprobs:
         return torch.stack(self.steps[: responses.shape[1]], 1) if self.steps else responses.new_zeros(responses.shape)
 
 
+class _InverseTemperature:
+    """Temperature as the kernels apply it: scores times ``1 / temperature`` in fp32 (``x / T`` rounds differently),
+    so the distribution sampled from is exactly the one the trainer's log-probs are taken under."""
+
+    def __init__(self, temperature: float):
+        self.inv_temperature = 1.0 / temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores * self.inv_temperature
+
+
 def _recording_processors(config, temperature: float, top_p: float, top_k: int):
     """The sampling warpers as an explicit processor list (temperature, top-k, top-p: the order ``generate`` uses)
     followed by the recorder, with ``config`` stripped of its own warpers so that none applies twice."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
     processors = LogitsProcessorList()
     if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
+        processors.append(_InverseTemperature(temperature))
     if top_k:
         processors.append(TopKLogitsWarper(top_k=top_k))
     if top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=top_p))
-    recorder = SampledLogprobs()
+    recorder = SampledLogprobs(truncated=bool(top_k) or top_p < 1.0)
     processors.append(recorder)
     config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
     return processors, recorder

@@ -34,7 +34,7 @@ import torch
 
 import rlhf_kernels
 
-from . import distributed
+from . import batch_invariant, distributed
 from .collators import PromptCollator
 from .data import tokenize_prompt
 from .errors import UserError
@@ -356,6 +356,10 @@ def build_models(cfg: GRPOConfig, tokenizer, device) -> tuple:
     if cfg.lora_r > 0:
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules)  # fmt: skip
+    if cfg.batch_invariant:
+        for model in (policy, ref):
+            if model not in (None, False):
+                batch_invariant.enable(model)
     disable_dropout(policy)
     policy.train()
     return policy, ref

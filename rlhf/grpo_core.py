@@ -195,6 +195,10 @@ class GRPOConfig(TrainConfig):
                                        + _FROM_RECIPE)  # fmt: skip
     rollout_correction: str = _opt("none", "sampler-trainer importance correction: " + " | ".join(ROLLOUT_CORRECTIONS))
     rollout_correction_cap: float = _opt(2.0, "cap of the importance weights (mask modes: kept in [1/cap, cap])")
+    batch_invariant: bool = _opt(
+        False, "batch-invariant attention for sampling and training: the sampler's log-probs equal the trainer's "
+        "bitwise on CPU (same dtype, no top-k/top-p); slower attention (rlhf.batch_invariant)"
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()

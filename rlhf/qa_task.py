@@ -4,8 +4,10 @@ colour). A completion is correct when it is the answer sentence ("7 plus 5 is 12
 not a model, so the reward of GRPO on it is exact.
 
 Train and held-out questions are disjoint: each question string belongs to one split by a CRC32 hash (one in
-``EVAL_EVERY``). The SFT demonstrations are correct answers to train questions; a few hundred SFT steps leave a
-tiny model between 0 and 1 accuracy, with room for RL to improve it.
+``EVAL_EVERY``). The SFT demonstrations answer train questions, half of them correctly and half with the task's
+typical mistake (mixed quality, like people's demonstrations): the SFT policy learns both the right answer and
+the mistake, so it starts well between 0 and 1 accuracy, and a reward for exact answers can teach it to prefer the
+right one on questions it has never seen.
 
 ``pass@1`` is the mean over questions of the fraction of ``k`` samples that are correct (unbiased); ``pass@k`` the
 fraction of questions with at least one correct sample among the ``k``.
@@ -18,6 +20,7 @@ import zlib
 from collections.abc import Sequence
 
 EVAL_EVERY = 5  # one question in EVAL_EVERY (by hash) is held out
+CORRECT_FRACTION = 0.5  # of the SFT demonstrations; the rest make the task's typical mistake
 SPLITS = ("train", "eval")
 
 
@@ -45,9 +48,25 @@ def qa_rows(n: int, split: str, seed: int = 0) -> list[dict]:
     return rows
 
 
-def sft_demonstrations(n: int, seed: int = 0) -> list[dict]:
-    """``n`` SFT rows ``{"prompt", "completion"}``: train questions with their correct answer."""
-    return [{"prompt": r["prompt"], "completion": r["answer"]} for r in qa_rows(n, "train", seed + 1)]
+def sft_demonstrations(n: int, seed: int = 0, correct_fraction: float = CORRECT_FRACTION) -> list[dict]:
+    """``n`` SFT rows ``{"prompt", "completion"}`` on train questions, of mixed quality like people's
+    demonstrations: each is the correct answer sentence with probability ``correct_fraction``, else the task's
+    typical mistake in the same sentence (a sum off by a few, the number itself for its successor, a word left
+    unreversed or only capitalised, another pair's opposite, another colour)."""
+    import random
+
+    from .tiny import TASKS
+
+    if not 0.0 <= correct_fraction <= 1.0:
+        raise ValueError(f"correct_fraction must be in [0, 1], got {correct_fraction}")
+    rng = random.Random(f"rlhf-qa-sft-{seed}")
+    rows = []
+    while len(rows) < n:
+        question, correct, wrong = rng.choice(TASKS)(rng)
+        answer = correct if rng.random() < correct_fraction else wrong
+        if split_of(question) == "train":
+            rows.append({"prompt": question, "completion": answer})
+    return rows
 
 
 def pass_at_k(correct: Sequence[Sequence[bool]]) -> dict[str, float]:

@@ -199,6 +199,21 @@ def test_sampler_logprobs_match_without_truncation(tmp_path, monkeypatch):
     assert (batch["logprobs"] - batch["sampler_logprobs"])[mask].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_are_the_trainers_bitwise_with_batch_invariant_attention(tmp_path, monkeypatch, temperature):
+    """batch_invariant=true: the sampler (cached decoding, one query per step) and the trainer (one forward over
+    the whole batch, fused head) compute the same log-prob for every sampled token, bit for bit: the mismatch is
+    exactly 0 and so are its statistics."""
+    seen = _captured(monkeypatch)
+    grpo.train(_cfg(tmp_path, max_steps=1, temperature=temperature, batch_invariant=True, logging_steps=1))
+    batch = seen[0]
+    mask = batch["response_mask"]
+    assert mask.sum() > 20 and batch["prompt_length"] > 0
+    assert torch.equal(batch["logprobs"][mask], batch["sampler_logprobs"][mask])
+    row = _train_rows(tmp_path)[0]
+    assert float(row["rollout/logprob_diff_max"]) == 0.0 and float(row["rollout/logprob_diff_mean"]) == 0.0
+
+
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
     args = ["grpo", "model=builtin-small", "max_steps=4", "save_steps=2", "logging_steps=1", "eval_steps=0"]
     args += ["prompts_per_step=2", "num_generations=3", "batch_size=3", "max_completion_length=6", "lr=1e-3"]
