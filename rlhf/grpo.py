@@ -44,6 +44,7 @@ from .grpo_core import (
     advantages,
     overlong_penalty,
     resolve_recipe,
+    reuses_sampler_logprobs,
     rollout_correction,
     zero_variance_groups,
 )
@@ -182,14 +183,23 @@ def sample_step(policy, tokenizer, rows: list[dict], cfg: GRPOConfig, functions,
 
 @torch.no_grad()
 def add_logprobs(policy, ref, batch: dict, cfg: GRPOConfig, head: LMHead, autocast=contextlib.nullcontext) -> dict:
-    """Adds ``logprobs`` (the policy's, the "old" log-probs of the ratio), ``entropy`` and, with a reference,
-    ``ref_logprobs``: ``(B, R)`` fp32, 0 off ``response_mask``, computed in pieces of ``batch_size`` rows."""
+    """Adds ``logprobs`` (the "old" log-probs of the ratio), ``entropy`` and, with a reference, ``ref_logprobs``:
+    ``(B, R)`` fp32, 0 off ``response_mask``, computed in pieces of ``batch_size`` rows. When the update reuses the
+    sampler's log-probs (:func:`reuses_sampler_logprobs`) the policy is not run: ``logprobs`` are the sampler's,
+    and the entropy is measured by the update instead."""
+    reuse = reuses_sampler_logprobs(cfg)
+    if reuse:
+        batch["logprobs"] = batch["sampler_logprobs"].clone()
+        if ref is False:
+            return batch
     parts = []
     for begin in range(0, batch["input_ids"].shape[0], cfg.batch_size):
         piece = take(batch, slice(begin, begin + cfg.batch_size))
         with autocast():
-            lp, ent = response_logprobs(head, policy, piece, return_entropy=True)
-            out = {"logprobs": lp, "entropy": ent.masked_fill(~piece["response_mask"], 0.0)}
+            out = {}
+            if not reuse:
+                lp, ent = response_logprobs(head, policy, piece, return_entropy=True)
+                out = {"logprobs": lp, "entropy": ent.masked_fill(~piece["response_mask"], 0.0)}
             if ref is not False:
                 model, context = reference(policy, ref)
                 with context:
@@ -224,7 +234,8 @@ def grpo_losses(policy, batch: dict, cfg: GRPOConfig, head: LMHead, normalizer) 
         batch["advantages"], mask, start=P - 1, normalizer=normalizer, **options,
     )  # fmt: skip
     share = rlhf_kernels.aggregation_denominator(mask, cfg.agg) / normalizer
-    out = {"loss": loss.detach(), "policy/log_ratio/max": stats["policy/max_abs_log_ratio"]}
+    out = {"loss": loss.detach(), "policy/log_ratio/max": stats["policy/max_abs_log_ratio"],
+           "update/entropy_sum": stats["policy/entropy"] * mask.sum()}  # fmt: skip
     names = {"policy/clipfrac_low": "clip_ratio/low_mean", "policy/clipfrac_high": "clip_ratio/high_mean",
              "policy/clipfrac": "clip_ratio/region_mean", "policy/kl": "kl"}  # fmt: skip
     out.update({new: stats[old] * share for old, new in names.items() if old in stats})
@@ -245,6 +256,8 @@ def grpo_update(models: dict, optimizers: dict, batch: dict, cfg: GRPOConfig, he
         for start in range(0, n, size):
             mini = take(batch, order[start : start + size])
             normalizer = rlhf_kernels.aggregation_denominator(loss_mask(mini, cfg), cfg.agg).clamp_min(1.0)
+            if not parts:
+                first_tokens = int(loss_mask(mini, cfg).sum())
             mine = take(mini, distributed.rank_slice(mini["input_ids"].shape[0]))
             micros = [take(mine, slice(b, b + cfg.batch_size)) for b in range(0, mine["input_ids"].shape[0],
                                                                               cfg.batch_size)]  # fmt: skip
@@ -256,6 +269,9 @@ def grpo_update(models: dict, optimizers: dict, batch: dict, cfg: GRPOConfig, he
             )  # fmt: skip
     stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "policy/log_ratio/max"}
     stats["policy/log_ratio_at_start"] = parts[0]["policy/log_ratio/max"]
+    # the mean entropy over the first mini-batch's loss tokens, under the policy before any step of this update
+    stats["update/entropy"] = float(parts[0]["update/entropy_sum"]) / max(first_tokens, 1)
+    del stats["update/entropy_sum"]
     return stats
 
 
@@ -270,7 +286,7 @@ def batch_stats(batch: dict, functions, G: int) -> dict:
         "reward_std": rewards.view(-1, G).std(-1).mean().item() if G > 1 else 0.0,
         "completions/mean_length": mask.sum(-1).float().mean().item(),
         "completions/clipped_ratio": (~batch["ended"]).float().mean().item(),
-        "entropy": (batch["entropy"].sum() / mask.sum().clamp_min(1)).item(),
+        "entropy": (batch["entropy"].sum() / mask.sum().clamp_min(1)).item() if "entropy" in batch else None,
         "num_tokens": int(batch["attention_mask"].sum()),
     }
     for rf in functions:
@@ -302,7 +318,10 @@ def iteration(ctx: StepContext, models: dict, cfg: GRPOConfig, tokenizer, head: 
     stats.update(batch_stats(batch, functions, cfg.num_generations))
     stats.update(grpo_update(ctx.models, ctx.optimizers, batch, cfg, head, seed=cfg.seed * 1_000_003 + ctx.step,
                              autocast=ctx.autocast))  # fmt: skip
-    return stats
+    measured = stats.pop("update/entropy", None)
+    if stats["entropy"] is None:  # no old-log-prob pass: the update measured it (same policy, same tokens)
+        stats["entropy"] = measured
+    return {k: v for k, v in stats.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -26,6 +26,7 @@ ADVANTAGE_ESTIMATORS = {
 }
 SCALE_REWARDS = ("group", "batch", "none")  # the std that divides GRPO's centred rewards
 ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+OLD_LOGPROBS = ("auto", "recompute", "sampler")
 
 # The published combinations: recipe -> (paper, the values it sets). A config field left at None takes its
 # recipe's value; any value given explicitly wins. overlong_buffer "auto" = a fifth of max_completion_length (DAPO:
@@ -199,6 +200,11 @@ class GRPOConfig(TrainConfig):
         False, "batch-invariant attention for sampling and training: the sampler's log-probs equal the trainer's "
         "bitwise on CPU (same dtype, no top-k/top-p); slower attention (rlhf.batch_invariant)"
     )  # fmt: skip
+    old_logprobs: str = _opt(
+        "auto", "the ratio's old log-probs: recompute (a no-grad pass before the update) | sampler (the sampler's "
+        "recorded log-probs; untruncated sampling, no rollout_correction) | auto (sampler when the update is one "
+        "on-policy optimizer step: num_iterations=1, one mini-batch, no top-k/top-p, no rollout_correction)"
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -206,7 +212,7 @@ class GRPOConfig(TrainConfig):
             "recipe": tuple(RECIPES), "advantage": tuple(ADVANTAGE_ESTIMATORS), "scale_rewards": SCALE_REWARDS,
             "kl_estimator": rlhf_kernels.KL_PENALTY_KINDS, "policy_loss": rlhf_kernels.LOSS_TYPES,
             "ratio_level": rlhf_kernels.RATIO_LEVELS, "agg": rlhf_kernels.AGG_MODES,
-            "rollout_correction": ROLLOUT_CORRECTIONS,
+            "rollout_correction": ROLLOUT_CORRECTIONS, "old_logprobs": OLD_LOGPROBS,
         }  # fmt: skip
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -225,11 +231,31 @@ class GRPOConfig(TrainConfig):
             value = getattr(self, name)
             if value is not None and not ok(value):
                 raise ValueError(f"{name} must be {rule}; got {value!r}")
+        if self.old_logprobs == "sampler" and (self.top_k or self.top_p < 1.0):
+            raise ValueError("old_logprobs=sampler needs untruncated sampling (top_k=0, top_p=1): under truncation "
+                             "the sampler's log-probs are those of the truncated distribution")  # fmt: skip
+        if self.old_logprobs == "sampler" and self.rollout_correction != "none":
+            raise ValueError("old_logprobs=sampler with a rollout_correction: the correction compares the "
+                             "recomputed old log-probs with the sampler's, use old_logprobs=recompute")  # fmt: skip
         resolved = resolve_recipe(self)
         if resolved.overlong_buffer > resolved.max_completion_length:
             raise ValueError(
                 f"overlong_buffer={resolved.overlong_buffer} exceeds max_completion_length={self.max_completion_length}"
             )
+
+
+def reuses_sampler_logprobs(cfg: GRPOConfig) -> bool:
+    """Whether the update takes the sampler's log-probs as its old log-probs (``old_logprobs``), skipping the
+    no-grad pass. ``auto``: when the update is a single optimizer step on the batch just sampled (then the
+    recomputed log-probs would equal the sampler's up to the forward's rounding: exactly with
+    ``batch_invariant``), from untruncated sampling and without a rollout correction."""
+    if cfg.old_logprobs != "auto":
+        return cfg.old_logprobs == "sampler"
+    one_step = cfg.num_iterations == 1 and (
+        cfg.mini_batch_size is None or cfg.mini_batch_size >= cfg.prompts_per_step * cfg.num_generations
+    )
+    untruncated = not cfg.top_k and cfg.top_p >= 1.0
+    return one_step and untruncated and cfg.rollout_correction == "none"
 
 
 def resolve_recipe(cfg: GRPOConfig) -> GRPOConfig:

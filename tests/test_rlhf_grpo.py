@@ -19,6 +19,7 @@ from rlhf_cli_helpers import final_weights, finish, kill_then_resume, run_cli  #
 from rlhf import grpo  # noqa: E402
 from rlhf.errors import UserError  # noqa: E402
 from rlhf.grpo_core import RECIPES, GRPOConfig, advantages, resolve_recipe  # noqa: E402
+from rlhf.models import load_tokenizer  # noqa: E402
 
 # the tests that replace the update by a recorder step the schedule without an optimizer step
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -193,7 +194,7 @@ def test_sampler_logprobs_match_without_truncation(tmp_path, monkeypatch):
     """Without top-k / top-p the sampler's log-probs are the trainer's up to the rounding of two forward paths
     (the generation's cached decoding against one full forward), in fp32 below 1e-5."""
     seen = _captured(monkeypatch)
-    grpo.train(_cfg(tmp_path, max_steps=1, temperature=0.7))
+    grpo.train(_cfg(tmp_path, max_steps=1, temperature=0.7, old_logprobs="recompute"))
     batch = seen[0]
     mask = batch["response_mask"]
     assert (batch["logprobs"] - batch["sampler_logprobs"])[mask].abs().max() < 1e-5
@@ -205,13 +206,77 @@ def test_sampler_logprobs_are_the_trainers_bitwise_with_batch_invariant_attentio
     the whole batch, fused head) compute the same log-prob for every sampled token, bit for bit: the mismatch is
     exactly 0 and so are its statistics."""
     seen = _captured(monkeypatch)
-    grpo.train(_cfg(tmp_path, max_steps=1, temperature=temperature, batch_invariant=True, logging_steps=1))
+    grpo.train(_cfg(tmp_path, max_steps=1, temperature=temperature, batch_invariant=True, old_logprobs="recompute"))
     batch = seen[0]
     mask = batch["response_mask"]
     assert mask.sum() > 20 and batch["prompt_length"] > 0
     assert torch.equal(batch["logprobs"][mask], batch["sampler_logprobs"][mask])
     row = _train_rows(tmp_path)[0]
     assert float(row["rollout/logprob_diff_max"]) == 0.0 and float(row["rollout/logprob_diff_mean"]) == 0.0
+
+
+def test_on_policy_update_reuses_the_sampler_logprobs(tmp_path, monkeypatch):
+    """One on-policy optimizer step (the defaults): no old-log-prob pass, the sampler's log-probs are the old ones,
+    and the entropy metric comes from the update."""
+    calls = []
+    original = grpo.response_logprobs
+    monkeypatch.setattr(grpo, "response_logprobs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    seen = []
+    update = grpo.grpo_update
+    monkeypatch.setattr(
+        grpo, "grpo_update", lambda m, o, batch, *a, **k: seen.append(batch) or update(m, o, batch, *a, **k)
+    )
+    grpo.train(_cfg(tmp_path, max_steps=1, beta=0.0))  # no reference either: no log-prob pass at all
+    assert calls == [] and torch.equal(seen[0]["logprobs"], seen[0]["sampler_logprobs"])
+    row = _train_rows(tmp_path)[0]
+    assert 0 < float(row["entropy"]) < math.log(len(load_tokenizer("builtin")))
+
+
+def test_reusing_the_sampler_logprobs_changes_nothing_under_batch_invariance(tmp_path):
+    """With batch-invariant attention the recomputed old log-probs are the sampler's bit for bit, so skipping
+    their pass gives the same weights; the entropy metric agrees up to the two kernels' rounding."""
+    runs = {}
+    for mode in ("recompute", "sampler"):
+        out = tmp_path / mode
+        grpo.train(_cfg(out, max_steps=2, batch_invariant=True, old_logprobs=mode, save_steps=2))
+        runs[mode] = (final_weights(out), _train_rows(out))
+    (wa, ra), (wb, rb) = runs["recompute"], runs["sampler"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for a, b in zip(ra, rb, strict=True):
+        assert float(a["loss"]) == float(b["loss"]) and float(a["reward"]) == float(b["reward"])
+        assert float(a["entropy"]) == pytest.approx(float(b["entropy"]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "reuses"),
+    [
+        ({}, True),
+        ({"num_iterations": 2}, False),
+        ({"mini_batch_size": 4}, False),
+        ({"mini_batch_size": 8}, True),
+        ({"top_k": 5}, False),
+        ({"top_p": 0.9}, False),
+        ({"rollout_correction": "token_mask"}, False),
+        ({"old_logprobs": "recompute"}, False),
+        ({"old_logprobs": "sampler", "num_iterations": 2}, True),
+    ],
+)
+def test_when_the_sampler_logprobs_are_reused(tmp_path, options, reuses):
+    from rlhf.grpo_core import reuses_sampler_logprobs
+
+    assert reuses_sampler_logprobs(_cfg(tmp_path, **options)) is reuses
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"top_k": 5}, "old_logprobs=sampler needs untruncated sampling"),
+        ({"rollout_correction": "token_mask"}, "old_logprobs=sampler with a rollout_correction"),
+    ],
+)
+def test_sampler_logprobs_refused_where_they_are_not_the_old_ones(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        _cfg(tmp_path, old_logprobs="sampler", **options)
 
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
