@@ -38,6 +38,12 @@ STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": 
 # moved from -0.10 to -0.02 in 30 iterations; a fresh Adam's first steps move every weight by ~lr whatever the
 # gradient, so a large lr with few updates mostly adds noise (lr 1e-3 wrecked the SFT policy in one step).
 GRPO_UPDATE = dict(lr=5e-5, num_iterations=2, mini_batch_size=16)
+TASK_DEFAULTS = {  # task -> the defaults of the options left at None
+    "reviews": {"sft_steps": 300, "grpo_steps": 30, "grpo_options": {}},
+    # the qa task's SFT needs more steps to copy numbers and words; its 0/1 reward leaves many groups without
+    # signal, which dynamic sampling replaces (measured: benchmarks/results/cpu_2core_pipeline_qa.md)
+    "qa": {"sft_steps": 1000, "grpo_steps": 100, "grpo_options": {"dynamic_sampling": True}},
+}
 TASKS = {  # task -> its default stages
     "reviews": "sft,pairs,rm,ppo,dpo,grpo,eval",
     "qa": "sft,grpo,eval",
@@ -73,11 +79,13 @@ class PipelineConfig:
     label_beta: float = _opt(4.0, "built-in task: Bradley-Terry sharpness of the gold labels (higher = less noise)")
     max_new_tokens: int = _opt(24, "longest sampled response (pairs, PPO and evaluation)")
     best_of_n: int = _opt(4, "n of the best-of-n baseline (0 = skip)")
-    sft_steps: int = _opt(300, "SFT optimizer steps")
+    sft_steps: int | None = _opt(None, "SFT optimizer steps (None = the task's: " + ", ".join(
+        f"{t}: {d['sft_steps']}" for t, d in TASK_DEFAULTS.items()) + ")")  # fmt: skip
     rm_steps: int = _opt(200, "reward-model optimizer steps")
     ppo_steps: int = _opt(100, "PPO iterations (rollout + update)")
     dpo_steps: int = _opt(200, "DPO optimizer steps")
-    grpo_steps: int = _opt(30, "GRPO iterations (8 prompts x 8 samples each, by default)")
+    grpo_steps: int | None = _opt(None, "GRPO iterations of 8 prompts x 8 samples (None = the task's: " + ", ".join(
+        f"{t}: {d['grpo_steps']}" for t, d in TASK_DEFAULTS.items()) + ")")  # fmt: skip
     grpo_reward: str = _opt(
         "gold", "GRPO's reward: gold (the task's verifiable reward) | rm (the learned reward model)"
     )
@@ -102,8 +110,9 @@ class PipelineConfig:
         unknown = [s for s in self.stage_list() if s not in STAGE_NAMES]
         if unknown:
             raise ValueError(f"stages: unknown {unknown}; choose from {', '.join(STAGE_NAMES)}")
-        for name in ("sft_examples", "train_prompts", "eval_prompts", "max_new_tokens", "grpo_steps", "pass_k"):
-            if getattr(self, name) < 1:
+        for name in ("sft_examples", "train_prompts", "eval_prompts", "max_new_tokens", "sft_steps", "grpo_steps",
+                     "pass_k"):  # fmt: skip
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.label_beta <= 0:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
@@ -117,6 +126,11 @@ class PipelineConfig:
                 load_config(cls, None, shlex.split(getattr(self, f"{stage}_args")))
             except ValueError as err:
                 raise ValueError(f"{stage}_args: {err}") from None
+
+    def task_default(self, name: str):
+        """Option ``name`` (``sft_steps``, ``grpo_steps``) or, left at None, the task's default."""
+        value = getattr(self, name, None)
+        return TASK_DEFAULTS[self.task][name] if value is None else value
 
     def stage_list(self) -> list[str]:
         return [s.strip() for s in (self.stages or TASKS[self.task]).split(",") if s.strip()]
@@ -213,7 +227,7 @@ def run_sft(cfg: PipelineConfig, out: Path, paths: dict) -> Path:
             model=cfg.model,
             dataset=paths["sft"],
             output_dir=stage,
-            max_steps=cfg.sft_steps,
+            max_steps=cfg.task_default("sft_steps"),
             lr=1e-3,
             batch_size=16,
             warmup_ratio=0.05,
@@ -337,9 +351,10 @@ def run_grpo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir:
             reward_funcs=rm_dir if cfg.grpo_reward == "rm" else "gold",
             dataset=paths["prompts"],
             output_dir=stage,
-            max_steps=cfg.grpo_steps,
+            max_steps=cfg.task_default("grpo_steps"),
             max_completion_length=cfg.max_new_tokens,
             **GRPO_UPDATE,
+            **TASK_DEFAULTS[cfg.task]["grpo_options"],
             eval_fraction=0.0,
             eval_steps=0,
             save_steps=10,

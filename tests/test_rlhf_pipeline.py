@@ -67,7 +67,7 @@ def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
 
 
 def test_pipeline_qa_task_sft_then_grpo(tmp_path):
-    """task=qa: SFT on correct answers, GRPO on the answer checker, pass@1 and pass@k of both."""
+    """task=qa: SFT on mixed-quality answers, GRPO on the answer checker, pass@1 and pass@k of both."""
     out = tmp_path / "qa"
     args = [a for a in SMALL if not a.startswith(("ppo", "rm", "dpo", "best"))] + ["task=qa", "pass_k=3"]
     assert main(["pipeline", f"output_dir={out}", *args]) == 0
