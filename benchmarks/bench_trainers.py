@@ -283,7 +283,8 @@ def main() -> None:
         timing = {} if args.memory_only else measure(provider, assets, args, False)
         results[provider] = {**timing, **measure(provider, assets, args, True)}
     heading = (f"One GRPO step: {args.prompts} prompts x G=8, completions of {args.completion} tokens, V={args.vocab}, "
-               f"H={args.hidden}, {args.layers} layers, {args.dtype}, {args.device}")  # fmt: skip
+               f"H={args.hidden}, {args.layers} layers, {args.dtype}, {args.device}, activation checkpointing "
+               f"{args.checkpointing}")  # fmt: skip
     lines = [f"### {heading}", "", "| trainer | step (s) | generation (s) | log-probs (s) | update (s) | peak memory |",
              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, r in results.items():
