@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_kernels import AGG_MODES, BACKENDS, DPO_LOSS_TYPES, KL_ESTIMATORS
+from rlhf_kernels import AGG_MODES, BACKENDS, DPO_LOSS_TYPES, KL_ESTIMATORS, RANK_LOSS_MODES
 from rlhf_kernels.ops.dpo_loss import check_dpo_options
 
 from .data import OVERLONG
@@ -107,12 +107,16 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RewardConfig(TrainConfig):
-    """Reward model training: Bradley-Terry loss on chosen/rejected pairs."""
+    """Reward model training on chosen/rejected pairs (Bradley-Terry) or on K ranked responses per prompt."""
 
     dataset: str = _opt("builtin:preference", "builtin:preference, a local file/directory or a hub dataset name")
     output_dir: str = _opt("runs/rm", "directory for checkpoints, metrics, plots and the final model")
     lr: float = _opt(5e-5, "peak learning rate")
     center_coef: float = _opt(0.0, "weight of the squared-reward penalty that keeps rewards centred near 0")
+    rank_loss: str = _opt("pairwise", "loss on ranked responses: " + " | ".join(RANK_LOSS_MODES))
+    score_margin: float = _opt(
+        0.0, "ranked rows with scores: the margin of a pair is score_margin * (score_w - score_l) (0 = none)"
+    )
 
 
 @dataclass
@@ -192,6 +196,7 @@ _CHOICES = {
     "overlong": OVERLONG,
     "schedule": ("constant", "linear", "cosine"),
     "loss_type": DPO_LOSS_TYPES,
+    "rank_loss": RANK_LOSS_MODES,
     "kl_estimator": KL_ESTIMATORS,
     "agg": AGG_MODES,
     "backend": BACKENDS,
@@ -224,6 +229,7 @@ _RANGES = {
     "eval_steps": (lambda v: v >= 0, ">= 0"),
     "chunk_size": (lambda v: v >= 1, ">= 1 or None"),
     "center_coef": (lambda v: v >= 0, ">= 0"),
+    "score_margin": (lambda v: v >= 0, ">= 0"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_prompt_length": (lambda v: v >= 1, ">= 1"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),

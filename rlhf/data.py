@@ -1,7 +1,8 @@
 """Data for the training layer: loading, formats, validation, tokenisation and collators.
 
 Formats (`detect_format`): sft "prompt_completion" | "messages"; preference "explicit" (prompt, chosen, rejected)
-| "implicit" (chosen, rejected), optional float "margin"; prompt "prompt" | "messages". A text field is a string or
+| "implicit" (chosen, rejected), optional float "margin" | "ranked" (prompt, responses: K ranked responses, optional
+ranks or scores; :mod:`rlhf.ranked_data`); prompt "prompt" | "messages". A text field is a string or
 a list of messages {"role", "content"}.
 
 Rules:
@@ -31,12 +32,13 @@ from .collators import PreferenceCollator as PreferenceCollator
 from .collators import PromptCollator as PromptCollator
 from .collators import SFTCollator as SFTCollator
 from .errors import UserError
+from .ranked_data import RANKED_COLUMNS, tokenize_ranked
 from .sources import KINDS, check_source, load_rows, origin_of, split_holdout  # noqa: F401  (re-exported)
 
 IGNORE_INDEX = -100
 FORMATS = {
     "sft": ("prompt_completion", "messages"),
-    "preference": ("explicit", "implicit"),
+    "preference": ("explicit", "implicit", "ranked"),
     "prompt": ("prompt", "messages"),
 }
 FORMAT_COLUMNS = {  # format -> required columns
@@ -44,6 +46,7 @@ FORMAT_COLUMNS = {  # format -> required columns
     "messages": ("messages",),
     "explicit": ("prompt", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
+    "ranked": RANKED_COLUMNS,
     "prompt": ("prompt",),
 }  # fmt: skip
 OVERLONG = ("drop", "truncate", "error")
@@ -379,6 +382,8 @@ def tokenize_preference(example: dict, tokenizer, max_length: int, overlong: str
     each side on its own. margin: the row's float margin, 0.0 when absent.
     """
     fmt = fmt or detect_format([example], "preference")
+    if fmt == "ranked":
+        return tokenize_ranked(example, tokenizer, max_length, overlong, index=index)
     if example.get("chosen") is not None and example.get("chosen") == example.get("rejected"):
         raise _row_error(index, "fields 'chosen' and 'rejected' are identical")
     if fmt == "implicit":

@@ -34,7 +34,9 @@ from rlhf_kernels.ops.dpo_loss import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_T
 from . import distributed
 from .collators import PreferenceCollator
 from .config import DPOConfig
+from .errors import UserError
 from .models import IGNORE_INDEX, LMHead, load_causal_lm, load_tokenizer
+from .ranked_data import is_ranked
 from .sft import build_policy, save_policy
 from .train import (
     Stage,
@@ -228,6 +230,8 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
     device = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
+    if is_ranked(train_rows) or (eval_rows and is_ranked(eval_rows)):
+        raise UserError("DPO trains on chosen/rejected pairs; ranked rows (prompt, responses) are for `rlhf rm`")
     model = build_policy(cfg, tokenizer, build_device(device))
     collate = DPOCollator(tokenizer.pad_token_id)
     autocast = autocast_context(cfg, device)

@@ -5,7 +5,8 @@ Ops: :func:`logprobs`, :func:`entropy`, :func:`fused_linear_logprobs` (per-token
 the reference over the vocabulary); :func:`gae`, :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten`,
 :func:`token_rewards`, :func:`group_advantages` (advantages for PPO, GRPO and RLOO); :func:`ppo_policy_loss`,
 :func:`ppo_value_loss`, :func:`aggregate_loss`, :func:`fused_linear_ppo_loss` (PPO / GRPO losses);
-:func:`dpo_loss`, :func:`fused_linear_dpo_loss` (the DPO family); :func:`aggregation_denominator` (the
+:func:`dpo_loss`, :func:`fused_linear_dpo_loss` (the DPO family); :func:`ranked_reward_loss` (reward models on
+K ranked responses); :func:`aggregation_denominator` (the
 ``normalizer=`` of these losses for a step split into micro-batches).
 
 Backends: Triton (GPU), CUDA C++ and CPU C++ (``rlhf_kernels._C``, optional), and the PyTorch reference
@@ -28,6 +29,7 @@ from .ops.kl_penalty import KL_ESTIMATORS, KL_PENALTY_KINDS, kl_penalty
 from .ops.logprobs import entropy, logprobs
 from .ops.masked_stats import masked_mean, masked_var, masked_whiten
 from .ops.ppo_loss import ppo_policy_loss, ppo_value_loss
+from .ops.ranked_reward_loss import RANK_LOSS_MODES, ranked_reward_loss
 from .ops.token_rewards import token_rewards
 
 __version__ = "0.1.0"
@@ -39,6 +41,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "KL_PENALTY_KINDS",
     "LOSS_TYPES",
+    "RANK_LOSS_MODES",
     "RATIO_LEVELS",
     "aggregate_loss",
     "aggregation_denominator",
@@ -61,6 +64,7 @@ __all__ = [
     "logprobs",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "ranked_reward_loss",
     "reference",
     "token_rewards",
 ]

@@ -300,6 +300,42 @@ def dpo_loss(
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def ranked_reward_loss(
+    rewards: torch.Tensor,
+    ranks: torch.Tensor,
+    mode: str = "pairwise",
+    margins: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-prompt ranked reward-model losses (P,), written as loops over the prompts and their pairs: pairwise
+    (InstructGPT) means over a prompt's pairs, or the Plackett-Luce negative log-likelihood (ties: each member
+    of a tie group chooses from the same remaining set). 0 for a prompt without a ranked pair."""
+    r = _upcast(rewards)
+    out = []
+    for p in range(r.shape[0]):
+        idx = [k for k in range(r.shape[1]) if int(ranks[p, k]) >= 0]
+        pairs = [(w, v) for w in idx for v in idx if int(ranks[p, w]) < int(ranks[p, v])]
+        if not pairs:
+            out.append(r[p].sum() * 0)
+            continue
+        center = sum((r[p, w] + r[p, v]) ** 2 for w, v in pairs) / len(pairs)
+        if mode == "pairwise":
+            terms = []
+            for w, v in pairs:
+                m = 0.0
+                if margins is not None:
+                    m = margins[p, w, v] if margins.dim() == 3 else margins[p, w] - margins[p, v]
+                terms.append(-torch.nn.functional.logsigmoid(r[p, w] - r[p, v] - _upcast(torch.as_tensor(m))))
+            loss = sum(terms) / len(pairs)
+        else:
+            loss = 0.0
+            for i in idx:
+                rest = [j for j in idx if int(ranks[p, j]) >= int(ranks[p, i])]
+                loss = loss + torch.logsumexp(r[p, rest], 0) - r[p, i]
+        out.append(loss + center_coef * center)
+    return torch.stack(out)
+
+
 def fused_linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

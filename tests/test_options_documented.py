@@ -17,6 +17,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 LISTS = {  # README table header (first column) -> (the list, the config field that takes it)
     "agg": (rlhf_kernels.AGG_MODES, "agg"),
     "loss_type": (rlhf_kernels.DPO_LOSS_TYPES, "loss_type"),
+    "mode": (rlhf_kernels.RANK_LOSS_MODES, "rank_loss"),
     "kl_estimator": (rlhf_kernels.KL_ESTIMATORS, "kl_estimator"),
     "policy_loss": (rlhf_kernels.LOSS_TYPES, "policy_loss"),
     "ratio_level": (rlhf_kernels.RATIO_LEVELS, "ratio_level"),
@@ -53,7 +54,8 @@ def test_readme_says_which_dpo_losses_average():
 @pytest.mark.parametrize("name", sorted(LISTS))
 def test_config_validation_and_help_read_the_list(name):
     options, field = LISTS[name]
-    cls = next(c for c in (config.PPOConfig, config.DPOConfig, grpo_core.GRPOConfig) if hasattr(c(), field))
+    configs = (config.PPOConfig, config.DPOConfig, config.RewardConfig, grpo_core.GRPOConfig)
+    cls = next(c for c in configs if hasattr(c(), field))
     help_text = config.config_help(cls)
     line = next(line for line in help_text.splitlines() if line.split()[0] == field)
     assert all(option in line for option in options), line
