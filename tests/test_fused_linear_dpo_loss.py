@@ -8,7 +8,7 @@ from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, assert_within_torch_
 import rlhf_kernels
 from rlhf_kernels import reference
 from rlhf_kernels.ops._linear import default_chunk_size
-from rlhf_kernels.ops.fused_linear_dpo_loss import pair_chunks
+from rlhf_kernels.ops._sequence_loss import unit_chunks
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 B, T, H, V = 3, 11, 16, 307  # 3 pairs; V not a power of two
@@ -114,9 +114,18 @@ def test_pair_chunking():
     labels = make_batch(torch.float32)[3]
     counts = (labels != -100).sum(-1).tolist()
     assert counts == [11, 7, 6, 4, 2, 10]
-    assert pair_chunks(counts, B, 1) == [(0, 1), (1, 2), (2, 3)]
-    assert pair_chunks(counts, B, 25) == [(0, 2), (2, 3)]
-    assert pair_chunks(counts, B, default_chunk_size(2 * B * T, V, H)) == [(0, 3)]
+
+    def pair_ranges(budget):
+        chunks = unit_chunks((labels != -100).reshape(-1), B, 2, T, budget)
+        for chunk in chunks:  # each chunk's rows: its pairs' chosen tokens, then their rejected tokens
+            p0, p1, lengths = chunk.info
+            assert lengths.tolist() == counts[p0:p1] + counts[B + p0 : B + p1]
+            assert chunk.rows.numel() == sum(lengths.tolist())
+        return [chunk.info[:2] for chunk in chunks]
+
+    assert pair_ranges(1) == [(0, 1), (1, 2), (2, 3)]
+    assert pair_ranges(25) == [(0, 2), (2, 3)]
+    assert pair_ranges(default_chunk_size(2 * B * T, V, H)) == [(0, 3)]
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.ops import fused_linear_dpo_loss, fused_linear_kl, fused_linear_logprobs, fused_linear_ppo_loss
+from rlhf_kernels.ops import _sequence_loss, fused_linear_kl, fused_linear_logprobs, fused_linear_ppo_loss
 
 B, T, H, V = 2, 5, 8, 13
 
@@ -28,7 +28,7 @@ def _calls():
         fused_linear_ppo_loss.FusedLinearPPOLossFunction: lambda: rlhf_kernels.fused_linear_ppo_loss(
             h, w, y, zeros - 2.0, zeros + 1.0, flat_mask
         )[0],
-        fused_linear_dpo_loss.FusedLinearDPOLossFunction: lambda: rlhf_kernels.fused_linear_dpo_loss(
+        _sequence_loss.FusedLinearSequenceLossFunction: lambda: rlhf_kernels.fused_linear_dpo_loss(
             h,
             w,
             y,
