@@ -17,7 +17,7 @@ import sys
 import traceback
 
 from . import distributed
-from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
+from .config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
 from .errors import UserError
 from .grpo_core import GRPOConfig
 from .pipeline import PipelineConfig
@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "rlhf.sft"),
     "rm": (RewardConfig, "rlhf.reward"),
     "dpo": (DPOConfig, "rlhf.dpo"),
+    "kto": (KTOConfig, "rlhf.kto"),
     "ppo": (PPOConfig, "rlhf.ppo"),
     "grpo": (GRPOConfig, "rlhf.grpo"),
     "pipeline": (PipelineConfig, "rlhf.pipeline"),

@@ -19,6 +19,7 @@ import yaml
 
 from rlhf_kernels import AGG_MODES, BACKENDS, DPO_LOSS_TYPES, KL_ESTIMATORS, RANK_LOSS_MODES
 from rlhf_kernels.ops.dpo_loss import check_dpo_options
+from rlhf_kernels.ops.kto_loss import check_kto_options
 
 from .data import OVERLONG
 from .distributed import MODES as DISTRIBUTED_MODES
@@ -144,6 +145,33 @@ class DPOConfig(TrainConfig):
             check_dpo_options(self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma)
         except ValueError as e:
             raise ValueError(f"{e} (options beta, loss_type, label_smoothing, simpo_gamma)") from None
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """KTO on unpaired desirable/undesirable examples (prompt, completion, label; preference pairs are split)."""
+
+    dataset: str = _opt(
+        "builtin:preference", "unpaired (prompt, completion, label) or preference data; a file, directory or hub name"
+    )
+    output_dir: str = _opt("runs/kto", "directory for checkpoints, metrics, plots and the final model")
+    lr: float = _opt(5e-5, "peak learning rate")
+    beta: float = _opt(0.1, "KTO temperature beta (strength of the implicit KL to the reference)")
+    desirable_weight: float = _opt(1.0, "lambda_D, weight of the desirable examples' loss")
+    undesirable_weight: float = _opt(1.0, "lambda_U, weight of the undesirable examples' loss")
+    ref_model: str | None = _opt(
+        None, "reference model (None = a frozen copy of the initial policy, or the adapter-disabled base with LoRA)"
+    )
+    precompute_ref_logps: bool = _opt(
+        False, "compute the reference log-probs in one pass before training; no reference model kept in memory"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        try:  # the loss's own rules, stated once in rlhf_kernels
+            check_kto_options(self.beta, self.desirable_weight, self.undesirable_weight)
+        except ValueError as e:
+            raise ValueError(f"{e} (options beta, desirable_weight, undesirable_weight)") from None
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Formats (`detect_format`): sft "prompt_completion" | "messages"; preference "explicit" (prompt, chosen, rejected)
 | "implicit" (chosen, rejected), optional float "margin" | "ranked" (prompt, responses: K ranked responses, optional
-ranks or scores; :mod:`rlhf.ranked_data`); prompt "prompt" | "messages". A text field is a string or
+ranks or scores; :mod:`rlhf.ranked_data`); prompt "prompt" | "messages"; unpaired "unpaired" (prompt, completion,
+label) or preference pairs split in two (:mod:`rlhf.kto_data`). A text field is a string or
 a list of messages {"role", "content"}.
 
 Rules:
@@ -32,6 +33,7 @@ from .collators import PreferenceCollator as PreferenceCollator
 from .collators import PromptCollator as PromptCollator
 from .collators import SFTCollator as SFTCollator
 from .errors import UserError
+from .kto_data import UNPAIRED_COLUMNS, tokenize_unpaired
 from .ranked_data import RANKED_COLUMNS, tokenize_ranked
 from .sources import KINDS, check_source, load_rows, origin_of, split_holdout  # noqa: F401  (re-exported)
 
@@ -40,6 +42,7 @@ FORMATS = {
     "sft": ("prompt_completion", "messages"),
     "preference": ("explicit", "implicit", "ranked"),
     "prompt": ("prompt", "messages"),
+    "unpaired": ("unpaired", "explicit", "implicit"),
 }
 FORMAT_COLUMNS = {  # format -> required columns
     "prompt_completion": ("prompt", "completion"),
@@ -47,6 +50,7 @@ FORMAT_COLUMNS = {  # format -> required columns
     "explicit": ("prompt", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
     "ranked": RANKED_COLUMNS,
+    "unpaired": UNPAIRED_COLUMNS,
     "prompt": ("prompt",),
 }  # fmt: skip
 OVERLONG = ("drop", "truncate", "error")
@@ -77,7 +81,12 @@ def detect_format(ds, kind: str) -> str:
     raise UserError(message, where=origin.source if origin else None)
 
 
-STAGES_OF = {"sft": "`rlhf sft`", "preference": "`rlhf rm` or `rlhf dpo`", "prompt": "`rlhf ppo`"}  # kind -> stages
+STAGES_OF = {
+    "sft": "`rlhf sft`",
+    "preference": "`rlhf rm`, `rlhf dpo` or `rlhf kto`",
+    "prompt": "`rlhf ppo` or `rlhf grpo`",
+    "unpaired": "`rlhf kto`",
+}  # kind -> stages
 
 
 def _match_format(columns: list[str], kind: str) -> str | None:
@@ -426,7 +435,12 @@ def tokenize_prompt(example: dict, tokenizer, max_length: int, overlong: str = "
     return {"input_ids": ids}
 
 
-TOKENIZERS: dict[str, Callable] = {"sft": tokenize_sft, "preference": tokenize_preference, "prompt": tokenize_prompt}
+TOKENIZERS: dict[str, Callable] = {
+    "sft": tokenize_sft,
+    "preference": tokenize_preference,
+    "prompt": tokenize_prompt,
+    "unpaired": tokenize_unpaired,  # a list of examples per row
+}
 
 
 def prepare(ds, tokenizer, kind: str, max_length: int, overlong: str = "drop", *, log=print) -> list[dict]:
@@ -448,10 +462,11 @@ def prepare(ds, tokenizer, kind: str, max_length: int, overlong: str = "drop", *
             if origin is None:
                 raise
             raise err.located(origin.where(i)) from err
-    out = [row for row in rows if row is not None]
-    if len(out) < len(rows):
-        log(f"dropped {len(rows) - len(out)} of {len(rows)} rows longer than max_length={max_length}")
-    if rows and not out:
+    kept = [row for row in rows if row is not None]
+    out = [example for row in kept for example in (row if isinstance(row, list) else [row])]
+    if len(kept) < len(rows):
+        log(f"dropped {len(rows) - len(kept)} of {len(rows)} rows longer than max_length={max_length}")
+    if rows and not kept:
         where = origin.source if origin else None
         raise UserError(f"all {len(rows)} rows are longer than max_length={max_length}", where=where)
     return out

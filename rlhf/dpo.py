@@ -125,7 +125,7 @@ def build_reference(cfg: DPOConfig, policy, tokenizer, device) -> tuple[torch.nn
     ``ref_model`` when given; else the LoRA policy with ``context = policy.disable_adapter``; else, when the
     log-probs are precomputed, the (still initial) policy itself; else a frozen copy of the initial policy.
     """
-    if cfg.loss_type in REFERENCE_FREE_LOSS_TYPES:
+    if getattr(cfg, "loss_type", None) in REFERENCE_FREE_LOSS_TYPES:  # (KTO has no loss_type: always a reference)
         return None, None
     if cfg.ref_model is not None:
         ref = load_causal_lm(

@@ -166,7 +166,7 @@ class LMHead:
     """The one way from a causal LM to the fused LM-head kernels of :mod:`rlhf_kernels`.
 
     Every stage and the evaluation reach ``fused_linear_logprobs``, ``fused_linear_kl``, ``fused_linear_ppo_loss``
-    and ``fused_linear_dpo_loss`` through this adapter, which owns what they share:
+    ``fused_linear_dpo_loss`` and ``fused_linear_kto_loss`` through this adapter, which owns what they share:
 
     - ``backend``, ``chunk_size`` and ``temperature`` (the sampling temperature the log-probs are taken at);
     - the dtype rule: inside autocast the head runs in the autocast dtype (as ``nn.Linear`` would), else in the
@@ -318,31 +318,33 @@ class LMHead:
         return forward_call(model, run)
 
     def dpo_loss(
-        self,
-        model,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        ref_chosen: torch.Tensor | None,
-        ref_rejected: torch.Tensor | None,
-        *,
-        normalizer=None,
-        **options,
+        self, model, input_ids, attention_mask, labels, ref_chosen, ref_rejected, *, normalizer=None, **options
     ):
         """:func:`rlhf_kernels.fused_linear_dpo_loss` of a pair batch: ``input_ids, attention_mask, labels (2B, T)``
         (chosen rows first; ``labels`` ``IGNORE_INDEX`` on prompt and padding, hidden state ``t`` predicts
         ``labels[:, t+1]``); ``ref_chosen, ref_rejected (B,)`` or None; ``options``: ``beta, loss_type,
         label_smoothing, gamma, average_log_prob``. One ``forward_call`` of ``model``. Returns ``(loss, stats)``."""
+        op, refs = rlhf_kernels.fused_linear_dpo_loss, (ref_chosen, ref_rejected)
+        return self._sequence_loss(op, model, input_ids, attention_mask, labels, refs, normalizer, options)
+
+    def kto_loss(self, model, input_ids, attention_mask, labels, ref_logps, desirable, *, normalizer=None, **options):
+        """:func:`rlhf_kernels.fused_linear_kto_loss` of a batch of examples: ``input_ids, attention_mask, labels
+        (B, T)`` as for :meth:`dpo_loss`; ``ref_logps (B,)``, ``desirable (B,)`` bool; ``options``: ``kl`` (the
+        reference point z), ``beta, desirable_weight, undesirable_weight``. One ``forward_call`` of ``model``."""
+        op, args = rlhf_kernels.fused_linear_kto_loss, (ref_logps, desirable)
+        return self._sequence_loss(op, model, input_ids, attention_mask, labels, args, normalizer, options)
+
+    def _sequence_loss(self, op, model, input_ids, attention_mask, labels, args, normalizer, options):
+        """A fused sequence-level loss ``op(hidden, weight, labels[:, 1:], *args, ...)`` in one forward call."""
 
         def run():
-            states = self._hidden(model, input_ids, attention_mask, 0)  # (2B, T-1, H)
+            states = self._hidden(model, input_ids, attention_mask, 0)  # (S, T-1, H)
             weight, bias = self.params(model, states.hidden.dtype, states.hidden.device)
-            return rlhf_kernels.fused_linear_dpo_loss(
+            return op(
                 states.hidden,
                 weight,
-                labels[:, 1:],
-                ref_chosen,
-                ref_rejected,
+                labels[:, 1:].to(states.hidden.device),
+                *args,
                 bias=bias,
                 ignore_index=IGNORE_INDEX,
                 normalizer=normalizer,

@@ -500,7 +500,9 @@ def test_unparsable_json_names_the_line(tmp_path, name, text, message):
 def test_wrong_kind_of_data_names_the_stage_for_it(tmp_path):
     path = tmp_path / "pairs.jsonl"
     _write(path, [GOOD["preference"]] * 2)
-    with pytest.raises(ValueError, match=r"pairs\.jsonl: sft data has columns .*preference data, for `rlhf rm` or"):
+    with pytest.raises(
+        ValueError, match=r"pairs\.jsonl: sft data has columns .*preference data, for `rlhf rm`, `rlhf dpo` or"
+    ):
         detect_format(load_rows(str(path)), "sft")
     with pytest.raises(ValueError, match=r"preference data has columns .*these columns are sft data, for `rlhf sft`"):
         detect_format([GOOD["sft"]], "preference")

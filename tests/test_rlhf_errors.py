@@ -102,7 +102,7 @@ def test_mistake_is_one_line_exit_2_and_nothing_written(name, files, capfd, capl
 
 def test_sft_data_in_the_wrong_stage_names_the_right_one(files, capfd):
     assert main(_argv(files, ["sft", SMALL[0], "dataset={preference}"])) == 2
-    assert "these columns are preference data, for `rlhf rm` or `rlhf dpo`" in capfd.readouterr().err
+    assert "these columns are preference data, for `rlhf rm`, `rlhf dpo` or `rlhf kto`" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
