@@ -1,11 +1,12 @@
-"""The whole recipe in one command: SFT -> reward model -> PPO, SFT -> DPO and SFT -> GRPO, then evaluation and a
-report.
+"""The whole recipe in one command: SFT -> reward model -> PPO, SFT -> DPO, SFT -> KTO and SFT -> GRPO, then
+evaluation and a report.
 
 ``rlhf pipeline`` with no arguments runs the built-in task (:mod:`rlhf.task`) on the built-in tiny Llama: it
 writes the task's data, fine-tunes on mixed-quality demonstrations, samples response pairs from the SFT policy
 and labels them with a Bradley-Terry draw on the task's programmatic gold reward (noisy labels, as human labels
-are), trains a reward model on them, runs PPO against that reward model and DPO on the same pairs, and evaluates
-SFT, PPO, DPO and best-of-n sampling from SFT on held-out prompts: gold reward, reward-model reward, exact KL to
+are), trains a reward model on them, runs PPO against that reward model, DPO on the same pairs and KTO on the
+same labels turned unpaired (each pair a desirable and an undesirable example), and evaluates SFT, PPO, DPO, KTO
+and best-of-n sampling from SFT on held-out prompts: gold reward, reward-model reward, exact KL to
 the SFT policy, response length, win rate against SFT. GRPO trains on the gold reward itself as a verifiable reward
 (``grpo_reward=rm``: on the learned reward model) and is evaluated beside them. The report (``report.md``,
 ``results.json``, PNG plots) goes to ``output_dir``.
@@ -20,19 +21,33 @@ datasets or reward model replace the built-in ones through the config (the gold-
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, _opt, load_config, validate_fields
+from .config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, _opt, load_config, validate_fields
 from .grpo_core import GRPOConfig
+from .pipeline_data import (  # noqa: F401  (is_done ... read_jsonl re-exported for pipeline_eval)
+    build_data,
+    is_done,
+    mark_done,
+    read_done,
+    read_jsonl,
+    sample_pairs,
+    write_jsonl,
+)
 
-STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval")
-STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
+STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "kto", "grpo", "eval")
+STAGE_CONFIGS = {
+    "sft": SFTConfig,
+    "rm": RewardConfig,
+    "ppo": PPOConfig,
+    "dpo": DPOConfig,
+    "kto": KTOConfig,
+    "grpo": GRPOConfig,
+}
 # The pipeline's GRPO update on the tiny model (stage defaults: lr 1e-5, one update per batch): 8 optimizer steps
 # per iteration (2 passes x 4 mini-batches of 16 samples). With one update per batch at lr 2e-5 the gold reward
 # moved from -0.10 to -0.02 in 30 iterations; a fresh Adam's first steps move every weight by ~lr whatever the
@@ -45,7 +60,7 @@ TASK_DEFAULTS = {  # task -> the defaults of the options left at None
     "qa": {"sft_steps": 1000, "grpo_steps": 100, "grpo_options": {"dynamic_sampling": True}},
 }
 TASKS = {  # task -> its default stages
-    "reviews": "sft,pairs,rm,ppo,dpo,grpo,eval",
+    "reviews": "sft,pairs,rm,ppo,dpo,kto,grpo,eval",
     "qa": "sft,grpo,eval",
 }
 USER_DATA = {  # option -> the kind of data it holds
@@ -82,8 +97,14 @@ class PipelineConfig:
     sft_steps: int | None = _opt(None, "SFT optimizer steps (None = the task's: " + ", ".join(
         f"{t}: {d['sft_steps']}" for t, d in TASK_DEFAULTS.items()) + ")")  # fmt: skip
     rm_steps: int = _opt(200, "reward-model optimizer steps")
+    rm_k: int = _opt(
+        2,
+        "responses per prompt ranked for the reward model: 2 = the pairs; K > 2 = K samples of train_prompts * 2 / K "
+        "prompts (as many labelled responses) ranked by a Plackett-Luce draw on the gold reward",
+    )
     ppo_steps: int = _opt(100, "PPO iterations (rollout + update)")
     dpo_steps: int = _opt(200, "DPO optimizer steps")
+    kto_steps: int = _opt(200, "KTO optimizer steps (32 examples each: the labels of 16 pairs, as a DPO step)")
     grpo_steps: int | None = _opt(None, "GRPO iterations of 8 prompts x 8 samples (None = the task's: " + ", ".join(
         f"{t}: {d['grpo_steps']}" for t, d in TASK_DEFAULTS.items()) + ")")  # fmt: skip
     grpo_reward: str = _opt(
@@ -94,6 +115,7 @@ class PipelineConfig:
     rm_args: str = _opt("", "extra reward-model options (see rlhf rm --help)")
     ppo_args: str = _opt("", "extra PPO options (see rlhf ppo --help)")
     dpo_args: str = _opt("", "extra DPO options (see rlhf dpo --help)")
+    kto_args: str = _opt("", "extra KTO options (see rlhf kto --help)")
     grpo_args: str = _opt("", "extra GRPO options (see rlhf grpo --help)")
     stages: str | None = _opt(None, "stages to run, comma-separated, in order (None = the task's: " + "; ".join(
         f"{t}: {s}" for t, s in TASKS.items()) + ")")  # fmt: skip
@@ -105,7 +127,7 @@ class PipelineConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.grpo_reward not in ("gold", "rm"):
             raise ValueError(f"grpo_reward must be gold or rm; got {self.grpo_reward!r}")
-        if self.task == "qa" and set(self.stage_list()) & {"pairs", "rm", "ppo", "dpo"}:
+        if self.task == "qa" and set(self.stage_list()) & {"pairs", "rm", "ppo", "dpo", "kto"}:
             raise ValueError("task=qa runs the stages sft, grpo and eval (no preference pairs or reward model)")
         unknown = [s for s in self.stage_list() if s not in STAGE_NAMES]
         if unknown:
@@ -114,6 +136,10 @@ class PipelineConfig:
                      "pass_k"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.rm_k < 2:
+            raise ValueError(f"rm_k must be >= 2; got {self.rm_k}")
+        if self.rm_k > 2 and self.preference_dataset:
+            raise ValueError("rm_k > 2 ranks samples by the built-in gold reward; it cannot use preference_dataset")
         if self.label_beta <= 0:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
         needs_rm = "ppo" in self.stage_list() or ("grpo" in self.stage_list() and self.grpo_reward == "rm")
@@ -139,22 +165,6 @@ class PipelineConfig:
 # ------------------------------------------------------------------------------------------------ stage plumbing
 
 
-def is_done(path: Path) -> bool:
-    return (path / "DONE").is_file()
-
-
-def mark_done(path: Path, info: dict) -> None:
-    """Write ``DONE`` (with what the stage produced) last, atomically."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "DONE.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(path / "DONE")
-
-
-def read_done(path: Path) -> dict:
-    return json.loads((path / "DONE").read_text())
-
-
 def stage_config(cls, cfg: PipelineConfig, extra: str, **values):
     """A stage's config from the pipeline's shared values, the stage's defaults here, then the user's extras."""
     shared = dict(device=cfg.device, seed=cfg.seed, num_threads=cfg.num_threads, progress=cfg.progress)
@@ -172,46 +182,7 @@ def check_user_data(cfg: PipelineConfig) -> None:
             detect_format(load_rows(str(getattr(cfg, option))), kind)
 
 
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ------------------------------------------------------------------------------------------------------ stages
-
-
-def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
-    """The built-in task's files (unless the user gave datasets): sft.jsonl, prompts.jsonl, eval_prompts.jsonl."""
-    from . import qa_task, task
-
-    demos, prompt_rows = {  # task -> (demonstrations, prompts of a split); qa prompts carry their answer
-        "reviews": (task.sft_demonstrations, lambda n, seed, split: task.task_prompts(n, seed, split=split)),
-        "qa": (qa_task.sft_demonstrations, lambda n, seed, split: qa_task.qa_rows(n, split, seed)),
-    }[cfg.task]
-
-    data = out / "data"
-    paths = {
-        "sft": Path(cfg.sft_dataset) if cfg.sft_dataset else data / "sft.jsonl",
-        "prompts": Path(cfg.prompt_dataset) if cfg.prompt_dataset else data / "prompts.jsonl",
-        "eval_prompts": Path(cfg.eval_prompt_dataset) if cfg.eval_prompt_dataset else data / "eval_prompts.jsonl",
-    }
-    if not cfg.sft_dataset and not paths["sft"].is_file():
-        write_jsonl(demos(cfg.sft_examples, cfg.seed), paths["sft"])
-    if not cfg.prompt_dataset and not paths["prompts"].is_file():
-        write_jsonl(prompt_rows(cfg.train_prompts, cfg.seed, "train"), paths["prompts"])
-    if not cfg.eval_prompt_dataset and not paths["eval_prompts"].is_file():
-        write_jsonl(prompt_rows(cfg.eval_prompts, cfg.seed, "eval"), paths["eval_prompts"])
-    return paths
 
 
 def run_sft(cfg: PipelineConfig, out: Path, paths: dict) -> Path:
@@ -239,28 +210,6 @@ def run_sft(cfg: PipelineConfig, out: Path, paths: dict) -> Path:
     return stage / "final"
 
 
-def sample_pairs(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path) -> dict[str, Any]:
-    """Two samples per prompt from the SFT policy, labelled by a Bradley-Terry draw on the gold reward."""
-    from . import task
-
-    stage = out / "pairs"
-    if cfg.preference_dataset:
-        return {"train": cfg.preference_dataset, "eval": None, "best_accuracy": None}
-    if not is_done(stage):
-        info = {}
-        for split, source in (("train", paths["prompts"]), ("eval", paths["eval_prompts"])):
-            prompts = read_jsonl(source)
-            a, b = (
-                sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k) for k in (1, 2)
-            )
-            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=cfg.seed)
-            write_jsonl(rows, stage / f"{split}.jsonl")
-            info[f"{split}_pairs"], info[f"{split}_best_accuracy"] = len(rows), best
-        mark_done(stage, info)
-    info = read_done(stage)
-    return {"train": stage / "train.jsonl", "eval": stage / "eval.jsonl", "best_accuracy": info["eval_best_accuracy"]}
-
-
 def run_rm(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
     from . import reward
     from .config import RewardConfig
@@ -275,7 +224,7 @@ def run_rm(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
             cfg,
             cfg.rm_args,
             model=sft_dir,
-            dataset=pairs["train"],
+            dataset=pairs.get("ranked", pairs["train"]),
             output_dir=stage,
             max_steps=cfg.rm_steps,
             lr=3e-4,
@@ -338,6 +287,30 @@ def run_dpo(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
     return stage / "final"
 
 
+def run_kto(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
+    """KTO on the DPO pairs turned unpaired (the chosen response desirable, the rejected one undesirable)."""
+    from . import kto
+
+    stage = out / "kto"
+    if not is_done(stage):
+        held_out = dict(eval_dataset=pairs["eval"]) if pairs["eval"] else {}
+        kcfg = stage_config(
+            KTOConfig,
+            cfg,
+            cfg.kto_args,
+            model=sft_dir,
+            dataset=pairs["train"],
+            output_dir=stage,
+            max_steps=cfg.kto_steps,
+            batch_size=32,
+            eval_steps=0,
+            save_steps=100,
+            **held_out,
+        )
+        mark_done(stage, kto.train(kcfg, resume=True))
+    return stage / "final"
+
+
 def run_grpo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: Path | None) -> Path:
     from . import grpo
 
@@ -364,30 +337,6 @@ def run_grpo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir:
     return stage / "final"
 
 
-def sample_responses(model_dir: Path, prompts: list[dict], *, max_new_tokens: int, seed: int, batch_size: int = 64):
-    """One sampled response text per prompt row from the model saved in ``model_dir`` (deterministic per seed)."""
-    import torch
-
-    from .collators import PromptCollator
-    from .data import prepare
-    from .generation import generate
-    from .models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(str(model_dir))
-    model = load_causal_lm(str(model_dir), tokenizer)
-    rows = prepare(prompts, tokenizer, "prompt", max_length=10_000, overlong="error")
-    collate = PromptCollator(tokenizer.pad_token_id)
-    texts = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(rows), batch_size):
-            batch = generate(model, tokenizer, collate(rows[i : i + batch_size]), max_new_tokens=max_new_tokens)
-            P = batch["prompt_length"]
-            for ids, mask in zip(batch["input_ids"][:, P:], batch["response_mask"]):
-                texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
-    return texts
-
-
 def train(cfg: PipelineConfig, resume: bool = True) -> dict:
     """Run the configured stages; ``resume=False`` (``--restart``) deletes earlier stage outputs first. Ends by
     printing a short summary: the policies' results and where the report and the trained models are."""
@@ -398,7 +347,7 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
 
     if launched_world() > 1:
         raise UserError(
-            "the pipeline runs on one process; under torchrun run its stages (rlhf sft|rm|dpo|ppo) one by one"
+            "the pipeline runs on one process; under torchrun run its stages (rlhf sft|rm|dpo|kto|ppo|grpo) one by one"
         )
     t0 = time.perf_counter()
     check_user_data(cfg)
@@ -415,13 +364,16 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
     stages = cfg.stage_list()
     paths = build_data(cfg, out)
     sft_dir = run_sft(cfg, out, paths) if "sft" in stages else Path(cfg.model)
-    pairs = sample_pairs(cfg, out, paths, sft_dir) if "pairs" in stages or "rm" in stages or "dpo" in stages else {}
+    needs_pairs = {"pairs", "rm", "dpo", "kto"} & set(stages)
+    pairs = sample_pairs(cfg, out, paths, sft_dir) if needs_pairs else {}
     rm_dir = run_rm(cfg, out, sft_dir, pairs) if "rm" in stages or cfg.reward_model else None
     policies = {"sft": sft_dir}
     if "ppo" in stages:
         policies["ppo"] = run_ppo(cfg, out, paths, sft_dir, rm_dir)
     if "dpo" in stages:
         policies["dpo"] = run_dpo(cfg, out, sft_dir, pairs)
+    if "kto" in stages:
+        policies["kto"] = run_kto(cfg, out, sft_dir, pairs)
     if "grpo" in stages:
         policies["grpo"] = run_grpo(cfg, out, paths, sft_dir, rm_dir)
     results = {}

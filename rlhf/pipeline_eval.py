@@ -60,6 +60,7 @@ def evaluate_stage(
         if rm is not None and pairs.get("eval"):
             results["rm_accuracy"] = ev.reward_accuracy(rm, tokenizer, read_jsonl(Path(pairs["eval"])))
             results["rm_best_accuracy"] = pairs.get("best_accuracy")
+            results["rm_k"] = cfg.rm_k
             if builtin_task:  # the gold reward itself as a classifier of these particular (noisy) labels
                 results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), task.gold_reward)
     for policy in results["policies"].values():

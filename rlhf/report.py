@@ -23,6 +23,8 @@ CURVES = (
     ("ppo", "objective_kl"),
     ("dpo", "rewards_accuracies"),
     ("dpo", "rewards_margins"),
+    ("kto", "rewards_margins"),
+    ("kto", "kl"),
     ("grpo", "reward"),
     ("grpo", "completions_mean_length"),
 )
@@ -106,7 +108,9 @@ def render_report(cfg: Any, results: dict, out: Path) -> Path:
     lines += results_table(results)
     if "rm_accuracy" in results:
         best = results.get("rm_best_accuracy")
-        lines += ["", f"Reward model held-out accuracy: {_fmt(results['rm_accuracy'])}"]
+        k = results.get("rm_k", 2)
+        trained_on = "pairs" if k == 2 else f"rankings of {k} responses per prompt (as many labelled responses)"
+        lines += ["", f"Reward model (trained on {trained_on}) held-out pair accuracy: {_fmt(results['rm_accuracy'])}"]
         if best is not None:
             lines[-1] += f" (best reachable on these noisy labels: {_fmt(best)} expected over label draws"
             if "gold_accuracy" in results:

@@ -174,19 +174,22 @@ def train(cfg: RewardConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_rows, eval_rows = load_splits(cfg, tokenizer, "preference")
     model = distributed.shard(build_reward_model(cfg, tokenizer, build_device(device)))
-    ranked = is_ranked(train_rows)
-    if eval_rows and is_ranked(eval_rows) != ranked:
-        raise UserError("the training and evaluation data must both be pairs or both be ranked rows")
-    if cfg.score_margin > 0 and not (ranked and all(r["scores"] is not None for r in train_rows)):
-        raise UserError("score_margin > 0 needs ranked rows with a 'scores' column (prompt, responses, scores)")
-    collate = (RankedCollator if ranked else PreferenceCollator)(tokenizer.pad_token_id)
+    for rows in (train_rows, eval_rows or []):  # pairs or rankings, each split its own (a pair is K = 2)
+        if cfg.score_margin > 0 and is_ranked(rows) and not all(r["scores"] is not None for r in rows):
+            raise UserError("score_margin > 0 needs ranked rows with a 'scores' column (prompt, responses, scores)")
+    if cfg.score_margin > 0 and not is_ranked(train_rows):
+        raise UserError("score_margin > 0 needs ranked rows with a 'scores' column (pairs take a 'margin' column)")
+    collate, eval_collate = (
+        (RankedCollator if is_ranked(rows) else PreferenceCollator)(tokenizer.pad_token_id)
+        for rows in (train_rows, eval_rows or [])
+    )
     options = loss_options(cfg)
 
     def loss_fn(model, batch, normalizer, detailed):
         return reward_loss(model, batch, normalizer, detailed, **options)
 
     def evaluate_fn():
-        return evaluate(model, eval_rows, collate, cfg, autocast_context(cfg, device))
+        return evaluate(model, eval_rows, eval_collate, cfg, autocast_context(cfg, device))
 
     def save_final(path, models):
         models["model"].save_pretrained(path)

@@ -219,6 +219,35 @@ def label_pairs(
     return rows, best
 
 
+def rank_responses(
+    prompts: Sequence[str | dict], responses: Sequence[Sequence[str]], *, beta: float = DEFAULT_BETA, seed: int = 0
+) -> list[dict]:
+    """Noisy rankings of K responses per prompt: rows {"prompt", "responses"} with the responses best first.
+
+    The ranking is a Plackett-Luce draw on the gold rewards, the K-response form of :func:`label_pairs`' draw:
+    the best is drawn with probability proportional to exp(beta g), then the best of the rest, and so on (for
+    K = 2 exactly the Bradley-Terry label). Repeated responses of a prompt are kept once; a prompt left with
+    fewer than two distinct responses is skipped.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} response lists")
+    rng = random.Random(f"rlhf-task-rankings-{seed}")
+    rows = []
+    for prompt, candidates in zip(prompts, responses, strict=True):
+        prompt = prompt["prompt"] if isinstance(prompt, dict) else prompt
+        left = list(dict.fromkeys(candidates))
+        if len(left) < 2:
+            continue
+        gold = {r: gold_reward(prompt, r) for r in left}
+        order = []
+        while left:
+            top = max(beta * gold[r] for r in left)
+            weights = [math.exp(beta * gold[r] - top) for r in left]
+            order.append(left.pop(rng.choices(range(len(left)), weights=weights)[0]))
+        rows.append({"prompt": prompt, "responses": order})
+    return rows
+
+
 def corpus_texts(n: int = 1000) -> list[str]:
     """Texts of the task for the built-in tokenizer's training corpus (chat-rendered demonstrations + every word)."""
     texts = [f"<|user|>\n{r['prompt']}\n<|assistant|>\n{r['completion']}" for r in sft_demonstrations(n, seed=12345)]

@@ -22,6 +22,7 @@ SMALL = [
     "rm_steps=4",
     "ppo_steps=2",
     "dpo_steps=4",
+    "kto_steps=3",
     "grpo_steps=2",
     "num_threads=1",
     "progress=false",
@@ -29,6 +30,7 @@ SMALL = [
     "sft_args=plots=false tensorboard=false",
     "rm_args=plots=false tensorboard=false",
     "dpo_args=plots=false tensorboard=false",
+    "kto_args=plots=false tensorboard=false batch_size=8",
     "grpo_args=prompts_per_step=4 num_generations=2 plots=false tensorboard=false",
 ]
 
@@ -36,11 +38,11 @@ SMALL = [
 def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
     out = tmp_path / "run"
     assert main(["pipeline", f"output_dir={out}", *SMALL]) == 0
-    for stage in ("sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval"):
+    for stage in ("sft", "pairs", "rm", "ppo", "dpo", "kto", "grpo", "eval"):
         assert (out / stage / "DONE").is_file(), stage
     results = json.loads((out / "results.json").read_text())
     policies = results["policies"]
-    assert {"sft", "ppo", "dpo", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
+    assert {"sft", "ppo", "dpo", "kto", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
     for name, metrics in policies.items():
         for key in ("gold_reward", "rm_reward", "kl_to_sft", "response_length"):
             assert key in metrics and metrics[key] == metrics[key], (name, key)  # present and not NaN
@@ -49,7 +51,7 @@ def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
     assert 0 <= results["rm_accuracy"] <= 1 and 0.5 <= results["rm_best_accuracy"] <= 1
     assert 0 <= results["gold_accuracy"] <= 1
     report = (out / "report.md").read_text()
-    assert "| ppo |" in report and "| grpo |" in report and "best reachable" in report
+    assert "| ppo |" in report and "| kto |" in report and "| grpo |" in report and "best reachable" in report
     assert (out / "report.png").is_file()
 
     # a re-run skips every finished stage and reports the same numbers
@@ -69,7 +71,7 @@ def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
 def test_pipeline_qa_task_sft_then_grpo(tmp_path):
     """task=qa: SFT on mixed-quality answers, GRPO on the answer checker, pass@1 and pass@k of both."""
     out = tmp_path / "qa"
-    args = [a for a in SMALL if not a.startswith(("ppo", "rm", "dpo", "best"))] + ["task=qa", "pass_k=3"]
+    args = [a for a in SMALL if not a.startswith(("ppo", "rm", "dpo", "kto", "best"))] + ["task=qa", "pass_k=3"]
     assert main(["pipeline", f"output_dir={out}", *args]) == 0
     assert not (out / "rm").exists() and not (out / "ppo").exists()
     rows = [json.loads(line) for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()]
@@ -93,3 +95,19 @@ def test_pipeline_config_rejects_unknown_stage():
         PipelineConfig(task="qa", stages="sft,rm,grpo").validate()
     with pytest.raises(ValueError, match="reward model"):
         PipelineConfig(stages="sft,grpo", grpo_reward="rm").validate()
+
+
+def test_pipeline_rm_on_k_ranked_responses(tmp_path):
+    """rm_k=3: 3 samples for 2/3 of the prompts (as many labelled responses as the pairs), ranked by the gold
+    reward's Plackett-Luce draw; the reward model trains on them and is evaluated on the held-out pairs."""
+    out = tmp_path / "k3"
+    args = [a for a in SMALL if not a.startswith(("ppo", "dpo", "kto", "grpo", "best"))]
+    assert main(["pipeline", f"output_dir={out}", "rm_k=3", "stages=sft,pairs,rm,eval", *args]) == 0
+    rows = [json.loads(line) for line in (out / "pairs" / "ranked_k3.jsonl").read_text().splitlines()]
+    assert 0 < len(rows) <= 32 * 2 // 3 and all(2 <= len(r["responses"]) <= 3 for r in rows)
+    assert (out / "rm" / "DONE").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["rm_k"] == 3 and 0 <= results["rm_accuracy"] <= 1
+    assert "rankings of 3 responses per prompt" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="rm_k must be >= 2"):
+        PipelineConfig(rm_k=1).validate()

@@ -170,7 +170,7 @@ def test_ranked_reward_model_learns_the_ranking(tmp_path, tok, rank_loss):
 def test_score_margin_needs_scores_and_dpo_refuses_rankings(tmp_path, tok):
     data = write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(tok, 20))
     cfg = RewardConfig(model="builtin-small", dataset=data, output_dir=str(tmp_path / "rm"), score_margin=1.0, **QUIET)
-    with pytest.raises(UserError, match="score_margin > 0 needs ranked rows with a 'scores' column"):
+    with pytest.raises(UserError, match="score_margin > 0 needs ranked rows with a .scores. column"):
         reward.train(cfg)
     from rlhf import dpo
 

@@ -1,0 +1,132 @@
+"""The pipeline's data: stage markers, JSONL files, the built-in task's files, and the preference pairs and
+rankings sampled from the SFT policy and labelled by noisy draws on the gold reward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineConfig
+
+
+def is_done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def mark_done(path: Path, info: dict) -> None:
+    """Write ``DONE`` (with what the stage produced) last, atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "DONE.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    tmp.replace(path / "DONE")
+
+
+def read_done(path: Path) -> dict:
+    return json.loads((path / "DONE").read_text())
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
+    """The built-in task's files (unless the user gave datasets): sft.jsonl, prompts.jsonl, eval_prompts.jsonl."""
+    from . import qa_task, task
+
+    demos, prompt_rows = {  # task -> (demonstrations, prompts of a split); qa prompts carry their answer
+        "reviews": (task.sft_demonstrations, lambda n, seed, split: task.task_prompts(n, seed, split=split)),
+        "qa": (qa_task.sft_demonstrations, lambda n, seed, split: qa_task.qa_rows(n, split, seed)),
+    }[cfg.task]
+
+    data = out / "data"
+    paths = {
+        "sft": Path(cfg.sft_dataset) if cfg.sft_dataset else data / "sft.jsonl",
+        "prompts": Path(cfg.prompt_dataset) if cfg.prompt_dataset else data / "prompts.jsonl",
+        "eval_prompts": Path(cfg.eval_prompt_dataset) if cfg.eval_prompt_dataset else data / "eval_prompts.jsonl",
+    }
+    if not cfg.sft_dataset and not paths["sft"].is_file():
+        write_jsonl(demos(cfg.sft_examples, cfg.seed), paths["sft"])
+    if not cfg.prompt_dataset and not paths["prompts"].is_file():
+        write_jsonl(prompt_rows(cfg.train_prompts, cfg.seed, "train"), paths["prompts"])
+    if not cfg.eval_prompt_dataset and not paths["eval_prompts"].is_file():
+        write_jsonl(prompt_rows(cfg.eval_prompts, cfg.seed, "eval"), paths["eval_prompts"])
+    return paths
+
+
+def sample_pairs(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path) -> dict[str, Any]:
+    """Two samples per prompt from the SFT policy, labelled by a Bradley-Terry draw on the gold reward."""
+    from . import task
+
+    stage = out / "pairs"
+    if cfg.preference_dataset:
+        return {"train": cfg.preference_dataset, "eval": None, "best_accuracy": None}
+    if not is_done(stage):
+        info = {}
+        for split, source in (("train", paths["prompts"]), ("eval", paths["eval_prompts"])):
+            prompts = read_jsonl(source)
+            a, b = (
+                sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k) for k in (1, 2)
+            )
+            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=cfg.seed)
+            write_jsonl(rows, stage / f"{split}.jsonl")
+            info[f"{split}_pairs"], info[f"{split}_best_accuracy"] = len(rows), best
+        mark_done(stage, info)
+    info = read_done(stage)
+    pairs = {"train": stage / "train.jsonl", "eval": stage / "eval.jsonl", "best_accuracy": info["eval_best_accuracy"]}
+    if cfg.rm_k > 2:
+        pairs["ranked"] = sample_rankings(cfg, stage, paths, sft_dir)
+    return pairs
+
+
+def sample_rankings(cfg: PipelineConfig, stage: Path, paths: dict, sft_dir: Path) -> Path:
+    """``rm_k`` = K > 2: K samples from the SFT policy for each of the first 2/K of the training prompts (as many
+    labelled responses as the pairs hold), ranked by a Plackett-Luce draw on the gold reward."""
+    from . import task
+
+    path = stage / f"ranked_k{cfg.rm_k}.jsonl"
+    if not path.is_file():
+        prompts = read_jsonl(paths["prompts"])
+        prompts = prompts[: max(len(prompts) * 2 // cfg.rm_k, 1)]
+        samples = [
+            sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k)
+            for k in range(1, cfg.rm_k + 1)
+        ]
+        write_jsonl(task.rank_responses(prompts, list(zip(*samples)), beta=cfg.label_beta, seed=cfg.seed), path)
+    return path
+
+
+def sample_responses(model_dir: Path, prompts: list[dict], *, max_new_tokens: int, seed: int, batch_size: int = 64):
+    """One sampled response text per prompt row from the model saved in ``model_dir`` (deterministic per seed)."""
+    import torch
+
+    from .collators import PromptCollator
+    from .data import prepare
+    from .generation import generate
+    from .models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), tokenizer)
+    rows = prepare(prompts, tokenizer, "prompt", max_length=10_000, overlong="error")
+    collate = PromptCollator(tokenizer.pad_token_id)
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(rows), batch_size):
+            batch = generate(model, tokenizer, collate(rows[i : i + batch_size]), max_new_tokens=max_new_tokens)
+            P = batch["prompt_length"]
+            for ids, mask in zip(batch["input_ids"][:, P:], batch["response_mask"]):
+                texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
+    return texts
