@@ -25,6 +25,12 @@ from .data import OVERLONG
 from .distributed import MODES as DISTRIBUTED_MODES
 from .models import DTYPES
 
+PTX_HELP = {  # PPO-ptx (rlhf.ptx), options of PPO and GRPO
+    "ptx_coef": "PPO-ptx: weight of the LM loss on ptx_dataset added to every policy update (0 = off)",
+    "ptx_dataset": "PPO-ptx data (SFT format): a file, directory, hub name or builtin:sft",
+    "ptx_batch_size": "PPO-ptx rows per policy update, over all processes",
+}
+
 
 def _opt(default: Any, text: str) -> Any:
     """A dataclass field with a default and its help string."""
@@ -215,6 +221,9 @@ class PPOConfig(TrainConfig):
     vf_coef: float = _opt(0.1, "weight of the value loss")
     entropy_coef: float = _opt(0.0, "weight of the entropy bonus")
     agg: str = _opt("token-mean", "loss aggregation: " + " | ".join(AGG_MODES))
+    ptx_coef: float = _opt(0.0, PTX_HELP["ptx_coef"])
+    ptx_dataset: str = _opt("builtin:sft", PTX_HELP["ptx_dataset"])
+    ptx_batch_size: int = _opt(8, PTX_HELP["ptx_batch_size"])
 
 
 # Each list is read from the code that implements it (the kernels, the data and model loaders).
@@ -257,6 +266,8 @@ _RANGES = {
     "eval_steps": (lambda v: v >= 0, ">= 0"),
     "chunk_size": (lambda v: v >= 1, ">= 1 or None"),
     "center_coef": (lambda v: v >= 0, ">= 0"),
+    "ptx_coef": (lambda v: v >= 0, ">= 0"),
+    "ptx_batch_size": (lambda v: v >= 1, ">= 1"),
     "score_margin": (lambda v: v >= 0, ">= 0"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_prompt_length": (lambda v: v >= 1, ">= 1"),

@@ -51,6 +51,7 @@ from .grpo_core import (
 from .models import LMHead, apply_lora, load_causal_lm, load_reward_model, load_tokenizer
 from .ppo import frozen
 from .ppo_core import chunk_seed, concat_rollouts, disable_dropout, gather_rollout, pad_rollout, reference, take
+from .ptx import PretrainMix, build_ptx, with_ptx
 from .rewards import build_reward_functions, compute_rewards
 from .sft import build_policy, save_policy
 from .sources import load_rows, split_holdout
@@ -243,10 +244,11 @@ def grpo_losses(policy, batch: dict, cfg: GRPOConfig, head: LMHead, normalizer) 
 
 
 def grpo_update(models: dict, optimizers: dict, batch: dict, cfg: GRPOConfig, head: LMHead, *, seed: int,
-                autocast=contextlib.nullcontext) -> dict:  # fmt: skip
+                autocast=contextlib.nullcontext, ptx: PretrainMix | None = None,
+                first_update: int = 0) -> dict:  # fmt: skip
     """``num_iterations`` passes over the batch in shuffled mini-batches (one optimizer step each); returns the
     means over the mini-batches (``policy/log_ratio/max``: the first one's, 0 when the old log-probs are
-    reproduced exactly)."""
+    reproduced exactly). ``ptx``: PPO-ptx (:mod:`rlhf.ptx`), updates counted from ``first_update``."""
     n = batch["input_ids"].shape[0]
     size = cfg.mini_batch_size or n
     generator = torch.Generator().manual_seed(seed)
@@ -261,11 +263,13 @@ def grpo_update(models: dict, optimizers: dict, batch: dict, cfg: GRPOConfig, he
             mine = take(mini, distributed.rank_slice(mini["input_ids"].shape[0]))
             micros = [take(mine, slice(b, b + cfg.batch_size)) for b in range(0, mine["input_ids"].shape[0],
                                                                               cfg.batch_size)]  # fmt: skip
+            micros, loss_fn = with_ptx(
+                micros, lambda m, norm: grpo_losses(models["policy"], m, cfg, head, norm), ptx, models["policy"],
+                first_update + len(parts), mini["input_ids"].device,
+            )  # fmt: skip
             parts.append(
-                accumulate_and_step(
-                    models, optimizers, micros, lambda m, norm: grpo_losses(models["policy"], m, cfg, head, norm),
-                    normalizer, max_grad_norm=cfg.max_grad_norm, autocast=autocast,
-                )
+                accumulate_and_step(models, optimizers, micros, loss_fn, normalizer, max_grad_norm=cfg.max_grad_norm,
+                                    autocast=autocast)
             )  # fmt: skip
     stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "policy/log_ratio/max"}
     stats["policy/log_ratio_at_start"] = parts[0]["policy/log_ratio/max"]
@@ -295,7 +299,8 @@ def batch_stats(batch: dict, functions, G: int) -> dict:
     return stats
 
 
-def iteration(ctx: StepContext, models: dict, cfg: GRPOConfig, tokenizer, head: LMHead, functions, pool) -> dict:
+def iteration(ctx: StepContext, models: dict, cfg: GRPOConfig, tokenizer, head: LMHead, functions, pool,
+              ptx: PretrainMix | None = None) -> dict:  # fmt: skip
     """One GRPO iteration on this process's prompts ``ctx.rows``; returns the same metrics on every process."""
     policy, ref = models["policy"], models["ref"]
     first = distributed.context().rank * len(ctx.rows)
@@ -316,8 +321,10 @@ def iteration(ctx: StepContext, models: dict, cfg: GRPOConfig, tokenizer, head: 
     batch["advantages"] = advantages(batch["rewards"].float(), batch["group"], cfg.advantage, cfg.scale_rewards)
     stats.update(correction)
     stats.update(batch_stats(batch, functions, cfg.num_generations))
+    n = batch["input_ids"].shape[0]
+    updates = cfg.num_iterations * -(-n // (cfg.mini_batch_size or n))  # optimizer steps per iteration
     stats.update(grpo_update(ctx.models, ctx.optimizers, batch, cfg, head, seed=cfg.seed * 1_000_003 + ctx.step,
-                             autocast=ctx.autocast))  # fmt: skip
+                             autocast=ctx.autocast, ptx=ptx, first_update=ctx.step * updates))  # fmt: skip
     measured = stats.pop("update/entropy", None)
     if stats["entropy"] is None:  # no old-log-prob pass: the update measured it (same policy, same tokens)
         stats["entropy"] = measured
@@ -412,9 +419,10 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
     functions = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, load_rm)
     models = {"policy": policy, "ref": ref}
     head = LMHead.from_config(cfg, temperature=cfg.temperature)
+    ptx = build_ptx(cfg, tokenizer)
 
     def step(ctx: StepContext) -> dict:
-        stats = iteration(ctx, models, cfg, tokenizer, head, functions, train_rows)
+        stats = iteration(ctx, models, cfg, tokenizer, head, functions, train_rows, ptx)
         stats["num_episodes"] = cfg.prompts_per_step * cfg.num_generations
         return stats
 

@@ -15,7 +15,7 @@ import torch
 
 import rlhf_kernels
 
-from .config import TrainConfig, _opt
+from .config import PTX_HELP, TrainConfig, _opt
 
 # advantage estimators: (name, paper)
 ADVANTAGE_ESTIMATORS = {
@@ -196,6 +196,9 @@ class GRPOConfig(TrainConfig):
                                        + _FROM_RECIPE)  # fmt: skip
     rollout_correction: str = _opt("none", "sampler-trainer importance correction: " + " | ".join(ROLLOUT_CORRECTIONS))
     rollout_correction_cap: float = _opt(2.0, "cap of the importance weights (mask modes: kept in [1/cap, cap])")
+    ptx_coef: float = _opt(0.0, PTX_HELP["ptx_coef"])
+    ptx_dataset: str = _opt("builtin:sft", PTX_HELP["ptx_dataset"])
+    ptx_batch_size: int = _opt(8, PTX_HELP["ptx_batch_size"])
     batch_invariant: bool = _opt(
         False, "batch-invariant attention for sampling and training: the sampler's log-probs equal the trainer's "
         "bitwise on CPU (same dtype, no top-k/top-p); slower attention (rlhf.batch_invariant)"

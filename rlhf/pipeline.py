@@ -54,10 +54,11 @@ STAGE_CONFIGS = {
 # gradient, so a large lr with few updates mostly adds noise (lr 1e-3 wrecked the SFT policy in one step).
 GRPO_UPDATE = dict(lr=5e-5, num_iterations=2, mini_batch_size=16)
 TASK_DEFAULTS = {  # task -> the defaults of the options left at None
-    "reviews": {"sft_steps": 300, "grpo_steps": 30, "grpo_options": {}},
+    "reviews": {"sft_steps": 300, "grpo_steps": 30, "eval_prompts": 128, "grpo_options": {}},
     # the qa task's SFT needs more steps to copy numbers and words; its 0/1 reward leaves many groups without
     # signal, which dynamic sampling replaces (measured: benchmarks/results/cpu_2core_pipeline_qa.md)
-    "qa": {"sft_steps": 1000, "grpo_steps": 100, "grpo_options": {"dynamic_sampling": True}},
+    # held out: 256 of the task's 348 distinct eval questions
+    "qa": {"sft_steps": 1000, "grpo_steps": 100, "eval_prompts": 256, "grpo_options": {"dynamic_sampling": True}},
 }
 TASKS = {  # task -> its default stages
     "reviews": "sft,pairs,rm,ppo,dpo,kto,grpo,eval",
@@ -90,7 +91,9 @@ class PipelineConfig:
     reward_model: str | None = _opt(None, "a trained RewardModel directory (None = train one on the pairs)")
     sft_examples: int = _opt(2048, "built-in task: SFT demonstrations")
     train_prompts: int = _opt(512, "built-in task: prompts for pair sampling and PPO")
-    eval_prompts: int = _opt(128, "built-in task: held-out prompts for the evaluation")
+    eval_prompts: int | None = _opt(None, "built-in task: held-out prompts for the evaluation (None = the task's: "
+                                    + ", ".join(f"{t}: {d['eval_prompts']}" for t, d in TASK_DEFAULTS.items())
+                                    + "; qa: distinct questions)")  # fmt: skip
     label_beta: float = _opt(4.0, "built-in task: Bradley-Terry sharpness of the gold labels (higher = less noise)")
     max_new_tokens: int = _opt(24, "longest sampled response (pairs, PPO and evaluation)")
     best_of_n: int = _opt(4, "n of the best-of-n baseline (0 = skip)")
@@ -154,7 +157,7 @@ class PipelineConfig:
                 raise ValueError(f"{stage}_args: {err}") from None
 
     def task_default(self, name: str):
-        """Option ``name`` (``sft_steps``, ``grpo_steps``) or, left at None, the task's default."""
+        """Option ``name`` (``sft_steps``, ``grpo_steps``, ``eval_prompts``) or, left at None, the task's default."""
         value = getattr(self, name, None)
         return TASK_DEFAULTS[self.task][name] if value is None else value
 

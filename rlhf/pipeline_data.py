@@ -48,7 +48,10 @@ def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
 
     demos, prompt_rows = {  # task -> (demonstrations, prompts of a split); qa prompts carry their answer
         "reviews": (task.sft_demonstrations, lambda n, seed, split: task.task_prompts(n, seed, split=split)),
-        "qa": (qa_task.sft_demonstrations, lambda n, seed, split: qa_task.qa_rows(n, split, seed)),
+        "qa": (
+            qa_task.sft_demonstrations,
+            lambda n, seed, split: qa_task.qa_rows(n, split, seed, distinct=split == "eval"),
+        ),
     }[cfg.task]
 
     data = out / "data"
@@ -62,7 +65,7 @@ def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
     if not cfg.prompt_dataset and not paths["prompts"].is_file():
         write_jsonl(prompt_rows(cfg.train_prompts, cfg.seed, "train"), paths["prompts"])
     if not cfg.eval_prompt_dataset and not paths["eval_prompts"].is_file():
-        write_jsonl(prompt_rows(cfg.eval_prompts, cfg.seed, "eval"), paths["eval_prompts"])
+        write_jsonl(prompt_rows(cfg.task_default("eval_prompts"), cfg.seed, "eval"), paths["eval_prompts"])
     return paths
 
 

@@ -79,7 +79,7 @@ def evaluate_qa_stage(cfg: PipelineConfig, out: Path, paths: dict, policies: dic
     import torch
 
     from .models import load_causal_lm, load_tokenizer
-    from .qa_task import evaluate_qa
+    from .qa_task import evaluate_qa, paired_gain
 
     stage = out / "eval"
     if is_done(stage):
@@ -93,6 +93,11 @@ def evaluate_qa_stage(cfg: PipelineConfig, out: Path, paths: dict, policies: dic
             results["policies"][name] = evaluate_qa(
                 model, tokenizer, rows, k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
             )
+    base = results["policies"]["sft"]["per_question"] if "sft" in results["policies"] else None
+    for name, policy in results["policies"].items():
+        per_question = policy.pop("per_question")
+        if base is not None and name != "sft":  # the same questions: a paired comparison
+            policy.update(paired_gain(per_question, base))
     write_report(cfg, results, out)
     mark_done(stage, results)
     return results

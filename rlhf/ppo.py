@@ -64,6 +64,7 @@ from .ppo_core import (
     rollout_stats,
     score,
 )
+from .ptx import build_ptx
 from .sft import build_policy, save_policy
 from .train import (
     Stage,
@@ -163,7 +164,7 @@ def evaluate(policy, reward_model, tokenizer, rows, cfg: PPOConfig, autocast=con
 
 
 def iteration(
-    step, rows, models: dict, kl_ctl, tokenizer, cfg: PPOConfig, ctx: StepContext, head: LMHead, collate
+    step, rows, models: dict, kl_ctl, tokenizer, cfg: PPOConfig, ctx: StepContext, head: LMHead, collate, ptx=None
 ) -> dict:
     """One PPO iteration on this process's prompt ``rows``: rollout and scoring (each process its share), then on
     the gathered global batch advantages and the update (each process its share of every mini-batch). Returns its
@@ -212,6 +213,8 @@ def iteration(
             seed=cfg.seed * 1_000_003 + step,
             autocast=ctx.autocast,
             ratio_tolerance=ratio_tolerance(cfg, ctx.autocast),
+            ptx=ptx,
+            first_update=step * cfg.ppo_epochs * -(-cfg.rollout_batch_size // cfg.mini_batch_size),
         )
     )
     kl_ctl.update(stats["objective/kl"], batch["input_ids"].shape[0])
@@ -240,9 +243,10 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
     collate = PromptCollator(tokenizer.pad_token_id)
     head = LMHead.from_config(cfg, temperature=cfg.temperature)
     kl_ctl = kl_controller(cfg)
+    ptx = build_ptx(cfg, tokenizer)
 
     def step(ctx: StepContext) -> dict:
-        stats = iteration(ctx.step, ctx.rows, models, kl_ctl, tokenizer, cfg, ctx, head, collate)
+        stats = iteration(ctx.step, ctx.rows, models, kl_ctl, tokenizer, cfg, ctx, head, collate, ptx)
         stats["num_episodes"] = cfg.rollout_batch_size
         return stats
 

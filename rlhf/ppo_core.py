@@ -27,6 +27,7 @@ import rlhf_kernels
 from . import distributed
 from .generation import generate, response_logprobs
 from .models import HeadStates, LMHead
+from .ptx import PretrainMix, with_ptx
 from .train import accumulate_and_step, to_device
 
 KL_ERROR_CLIP = 0.2  # the adaptive controller's error clip
@@ -364,7 +365,15 @@ def ppo_losses(policy, critic, batch: dict, cfg, head: LMHead, normalizer) -> tu
 
 
 def mini_batch_step(
-    models: dict, optimizers: dict, mini: dict, cfg, head: LMHead, autocast=contextlib.nullcontext
+    models: dict,
+    optimizers: dict,
+    mini: dict,
+    cfg,
+    head: LMHead,
+    autocast=contextlib.nullcontext,
+    *,
+    ptx: PretrainMix | None = None,
+    update: int = 0,
 ) -> dict:
     """One optimizer update of the policy and the critic (``models["policy"]``, ``models["critic"]``) on a
     mini-batch, accumulated over micro-batches of ``cfg.batch_size`` (:func:`rlhf.train.accumulate_and_step`).
@@ -375,11 +384,19 @@ def mini_batch_step(
     mine = take(mini, distributed.rank_slice(mini["input_ids"].shape[0]))
     n = mine["input_ids"].shape[0]
     micros = [take(mine, slice(start, start + cfg.batch_size)) for start in range(0, n, cfg.batch_size)]
+    micros, loss_fn = with_ptx(  # PPO-ptx: the LM-loss micro-batches of update ``update`` (none without ptx)
+        micros,
+        lambda micro, norm: ppo_losses(models["policy"], models["critic"], micro, cfg, head, norm),
+        ptx,
+        models["policy"],
+        update,
+        mini["input_ids"].device,
+    )
     return accumulate_and_step(
         models,
         optimizers,
         micros,
-        lambda micro, norm: ppo_losses(models["policy"], models["critic"], micro, cfg, head, norm),
+        loss_fn,
         normalizer,
         max_grad_norm=cfg.max_grad_norm,
         autocast=autocast,
@@ -397,6 +414,8 @@ def ppo_update(
     seed: int,
     autocast=contextlib.nullcontext,
     ratio_tolerance: float = 1e-3,
+    ptx: PretrainMix | None = None,
+    first_update: int = 0,
 ) -> dict:
     """``cfg.ppo_epochs`` passes over the rollout batch in shuffled mini-batches of ``cfg.mini_batch_size``.
 
@@ -404,7 +423,8 @@ def ppo_update(
     ``seed`` (the global RNG is left alone). The ratio-1 check: the first mini-batch runs before any optimizer
     step of this update, so its recomputed log-probs must equal the rollout's; their largest deviation is returned as
     ``policy/ratio_dev_at_start`` and a warning is raised above ``ratio_tolerance``. The other stats are means over
-    the mini-batches (``*_avg``, ``grad_norm``, ``val/grad_norm``).
+    the mini-batches (``*_avg``, ``grad_norm``, ``val/grad_norm``, and with ``ptx`` the mean NLL ``ptx/loss``).
+    ``ptx``: PPO-ptx (:mod:`rlhf.ptx`); the updates are counted from ``first_update`` for its data order.
     """
     n = batch["input_ids"].shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -413,7 +433,8 @@ def ppo_update(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.mini_batch_size):
             mini = take(batch, order[start : start + cfg.mini_batch_size])
-            parts.append(mini_batch_step(models, optimizers, mini, cfg, head, autocast))
+            update = first_update + len(parts)
+            parts.append(mini_batch_step(models, optimizers, mini, cfg, head, autocast, ptx=ptx, update=update))
     deviation = parts[0]["policy/log_ratio/max"]
     if deviation > ratio_tolerance:
         warnings.warn(
@@ -432,6 +453,8 @@ def ppo_update(
         "grad_norm": "grad_norm",
         "val/grad_norm": "val/grad_norm",
     }
+    if ptx is not None:
+        names["ptx/loss"] = "ptx/loss"
     stats = {new: sum(p[old] for p in parts) / len(parts) for old, new in names.items()}
     stats["policy/ratio_dev_at_start"] = deviation
     return stats

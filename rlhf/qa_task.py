@@ -33,18 +33,25 @@ def is_correct(completion: str, answer: str) -> bool:
     return " ".join(completion.split()) == " ".join(str(answer).split())
 
 
-def qa_rows(n: int, split: str, seed: int = 0) -> list[dict]:
-    """``n`` rows ``{"prompt", "answer"}`` of ``split`` (questions may repeat: the task has a few thousand)."""
+def qa_rows(n: int, split: str, seed: int = 0, *, distinct: bool = False) -> list[dict]:
+    """``n`` rows ``{"prompt", "answer"}`` of ``split``. Questions may repeat (the task has a few thousand, a few
+    hundred of them held out) unless ``distinct``: then every question once (ValueError when the split has fewer
+    than ``n``; held-out accuracy is measured on distinct questions, so that its standard error is honest)."""
     from .tiny import builtin_rows
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    rows, batch, drawn = [], max(4 * n, 64), 0
+    rows, seen, batch, drawn = [], set(), max(4 * n, 64), 0
     while len(rows) < n:
+        fresh = 0
         for row in builtin_rows("prompt", batch, seed=seed * 7919 + drawn):
-            if split_of(row["prompt"]) == split and len(rows) < n:
+            if split_of(row["prompt"]) == split and len(rows) < n and not (distinct and row["prompt"] in seen):
                 rows.append(row)
+                seen.add(row["prompt"])
+                fresh += 1
         drawn += 1
+        if distinct and fresh == 0 and drawn >= 3:  # a draw of 4n rows found no new question: none is left
+            raise ValueError(f"the qa task has only {len(rows)} distinct {split} questions, fewer than {n}")
     return rows
 
 
@@ -76,14 +83,30 @@ def pass_at_k(correct: Sequence[Sequence[bool]]) -> dict[str, float]:
     if n == 0:
         raise ValueError("no questions to grade")
     fractions = [sum(c) / len(c) for c in correct]
-    mean = sum(fractions) / n
-    var = sum((f - mean) ** 2 for f in fractions) / max(n - 1, 1)
+    mean, sem = mean_and_sem(fractions)
     return {
         "pass@1": mean,
-        "pass@1_sem": math.sqrt(var / n),
+        "pass@1_sem": sem,
         "pass@k": sum(any(c) for c in correct) / n,
         "k": len(correct[0]),
+        "per_question": fractions,
     }
+
+
+def mean_and_sem(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
+
+
+def paired_gain(policy: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
+    """The mean per-question gain of pass@1 over a baseline on the same questions, with its paired standard error
+    (the standard error of the mean of the per-question differences)."""
+    if len(policy) != len(baseline):
+        raise ValueError(f"{len(policy)} and {len(baseline)} questions: a paired gain needs the same questions")
+    gain, sem = mean_and_sem([p - b for p, b in zip(policy, baseline, strict=True)])
+    return {"pass@1_gain": gain, "pass@1_gain_sem": sem}
 
 
 def evaluate_qa(model, tokenizer, rows: list[dict], *, k: int, max_new_tokens: int, seed: int = 0,

@@ -9,6 +9,8 @@ COLUMNS = (
     ("pass@1", "pass@1"),
     ("pass@1_sem", "pass@1 s.e."),
     ("pass@k", "pass@k"),
+    ("pass@1_gain", "pass@1 gain vs SFT"),
+    ("pass@1_gain_sem", "gain s.e. (paired)"),
     ("gold_reward", "gold reward"),
     ("rm_reward", "RM reward"),
     ("kl_to_sft", "KL to SFT (nats/seq)"),
@@ -96,8 +98,10 @@ def render_report(cfg: Any, results: dict, out: Path) -> Path:
     lines += ["## Policies on held-out prompts", ""]
     verifiable = any("pass@1" in p for p in results["policies"].values())
     lines += [
-        "pass@1: the mean over held-out questions of the fraction of k samples (temperature 1) that are the exact "
-        "answer, with its standard error over questions; pass@k: the fraction of questions with a correct sample."
+        "pass@1: the mean over distinct held-out questions of the fraction of k samples (temperature 1) that are "
+        "the exact answer, with its standard error over questions; pass@k: the fraction of questions with a "
+        "correct sample; gain: the mean per-question pass@1 difference to SFT on the same questions, with the "
+        "standard error of that mean (paired)."
         if verifiable
         else "Means over one sampled response per held-out prompt (temperature 1). KL to SFT: the exact sequence KL "
         "(sum over response tokens of the full-vocabulary KL) on the policy's own samples; for best-of-n it is the "

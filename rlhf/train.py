@@ -64,7 +64,8 @@ def seed_everything(seed: int, num_threads: int = 0) -> None:
 
 
 MODEL_OPTIONS = ("model", "tokenizer", "ref_model", "reward_model", "value_model")  # local paths checked up front
-DATA_OPTIONS = ("dataset", "eval_dataset", "sft_dataset", "prompt_dataset", "eval_prompt_dataset", "preference_dataset")
+DATA_OPTIONS = ("dataset", "eval_dataset", "sft_dataset", "prompt_dataset", "eval_prompt_dataset",
+                "preference_dataset", "ptx_dataset")  # fmt: skip
 
 
 def check_paths(cfg) -> None:

@@ -66,3 +66,21 @@ def test_every_task_has_a_wrong_answer_that_the_checker_rejects():
             assert qa_task.is_correct(correct, correct)
             if wrong != correct:
                 assert not qa_task.is_correct(wrong, correct)
+
+
+def test_held_out_questions_can_be_distinct():
+    rows = qa_task.qa_rows(200, "eval", seed=0, distinct=True)
+    assert len({r["prompt"] for r in rows}) == 200
+    assert all(qa_task.split_of(r["prompt"]) == "eval" for r in rows)
+    with pytest.raises(ValueError, match="distinct eval questions, fewer than 1000"):
+        qa_task.qa_rows(1000, "eval", distinct=True)
+
+
+def test_paired_gain_is_the_mean_difference_with_its_standard_error():
+    # differences 0.5, 0.0, 0.25, 0.25: mean 0.25; sample variance (0.0625 + 0.0625 + 0 + 0) / 3 = 0.0416667;
+    # s.e. sqrt(0.0416667 / 4) = 0.1020621
+    gain = qa_task.paired_gain([0.75, 0.5, 0.5, 1.0], [0.25, 0.5, 0.25, 0.75])
+    assert gain["pass@1_gain"] == pytest.approx(0.25)
+    assert gain["pass@1_gain_sem"] == pytest.approx(0.10206207261596575)
+    with pytest.raises(ValueError, match="the same questions"):
+        qa_task.paired_gain([0.5], [0.5, 0.5])
