@@ -20,6 +20,7 @@ from . import distributed
 from .config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
 from .errors import UserError
 from .grpo_core import GRPOConfig
+from .label import LabelConfig
 from .pipeline import PipelineConfig
 from .train import check_paths
 
@@ -30,6 +31,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "kto": (KTOConfig, "rlhf.kto"),
     "ppo": (PPOConfig, "rlhf.ppo"),
     "grpo": (GRPOConfig, "rlhf.grpo"),
+    "label": (LabelConfig, "rlhf.label"),
     "pipeline": (PipelineConfig, "rlhf.pipeline"),
 }
 
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", metavar="FILE", help="YAML file of config options")
-        if name == "pipeline":  # the pipeline always resumes: finished stages are skipped
+        if name == "label":  # labelling always resumes from the chunks already written
+            pass
+        elif name == "pipeline":  # the pipeline always resumes: finished stages are skipped
             sub.add_argument("--restart", action="store_true", help="delete earlier stage outputs and start over")
         else:
             sub.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(cfg)
     except (ValueError, FileNotFoundError) as e:
         return error_exit(e, debug)
-    resume = not args.restart if args.stage == "pipeline" else args.resume
+    resume = not args.restart if args.stage == "pipeline" else getattr(args, "resume", True)
     try:
         importlib.import_module(module_name).train(cfg, resume=resume)
     except UserError as e:

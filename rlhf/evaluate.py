@@ -250,3 +250,21 @@ def reward_accuracy(
             chosen, rejected = scores.view(2, -1)  # rows: chosen first, then rejected
             correct += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
     return correct / len(rows)
+
+
+@torch.no_grad()
+def heldout_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 32) -> float:
+    """Mean negative log-likelihood per response token (nats) of SFT rows ``{"prompt", "completion"}`` under
+    ``model``, through the fused log-prob head at temperature 1: what RL costs the model on its SFT data (the
+    alignment tax), measured before and after."""
+    from .collators import SFTCollator
+
+    prepared = prepare(list(rows), tokenizer, "sft", max_length=100_000, log=lambda message: None)
+    collate, head, device = SFTCollator(tokenizer.pad_token_id), LMHead(), _device(model)
+    total, tokens = 0.0, 0
+    for start in range(0, len(prepared), batch_size):
+        batch = {k: v.to(device) for k, v in collate(prepared[start : start + batch_size]).items()}
+        logprobs = head.logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total -= float(logprobs.sum())
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(tokens, 1)

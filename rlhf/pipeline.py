@@ -106,6 +106,11 @@ class PipelineConfig:
         "prompts (as many labelled responses) ranked by a Plackett-Luce draw on the gold reward",
     )
     ppo_steps: int = _opt(100, "PPO iterations (rollout + update)")
+    ptx_coef: float = _opt(
+        0.0,
+        "> 0: also train PPO-ptx (policy 'ppo-ptx': PPO plus ptx_coef x the LM loss on the SFT data) to compare "
+        "the alignment tax (NLL on held-out SFT data) with and without",
+    )
     dpo_steps: int = _opt(200, "DPO optimizer steps")
     kto_steps: int = _opt(200, "KTO optimizer steps (32 examples each: the labels of 16 pairs, as a DPO step)")
     grpo_steps: int | None = _opt(None, "GRPO iterations of 8 prompts x 8 samples (None = the task's: " + ", ".join(
@@ -139,6 +144,8 @@ class PipelineConfig:
                      "pass_k"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.ptx_coef < 0:
+            raise ValueError(f"ptx_coef must be >= 0; got {self.ptx_coef}")
         if self.rm_k < 2:
             raise ValueError(f"rm_k must be >= 2; got {self.rm_k}")
         if self.rm_k > 2 and self.preference_dataset:
@@ -241,11 +248,13 @@ def run_rm(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
     return stage / "final"
 
 
-def run_ppo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: Path) -> Path:
+def run_ppo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: Path, *, ptx: bool = False) -> Path:
+    """PPO against the reward model; with ``ptx``, PPO-ptx (``ptx_coef`` x the LM loss on the SFT data)."""
     from . import ppo
     from .config import PPOConfig
 
-    stage = out / "ppo"
+    stage = out / ("ppo_ptx" if ptx else "ppo")
+    extra = dict(ptx_coef=cfg.ptx_coef, ptx_dataset=paths["sft"]) if ptx else {}
     if not is_done(stage):
         pcfg = stage_config(
             PPOConfig,
@@ -261,6 +270,7 @@ def run_ppo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: 
             eval_steps=0,
             save_steps=25,
             logging_steps=5,
+            **extra,
         )
         mark_done(stage, ppo.train(pcfg, resume=True))
     return stage / "final"
@@ -356,7 +366,7 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
     check_user_data(cfg)
     out = Path(cfg.output_dir)
     if not resume and out.exists():
-        for name in ("data", *STAGE_NAMES, "results.json", "report.md", "report.png"):
+        for name in ("data", *STAGE_NAMES, "ppo_ptx", "results.json", "report.md", "report.png"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -373,6 +383,8 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
     policies = {"sft": sft_dir}
     if "ppo" in stages:
         policies["ppo"] = run_ppo(cfg, out, paths, sft_dir, rm_dir)
+        if cfg.ptx_coef > 0:
+            policies["ppo-ptx"] = run_ppo(cfg, out, paths, sft_dir, rm_dir, ptx=True)
     if "dpo" in stages:
         policies["dpo"] = run_dpo(cfg, out, sft_dir, pairs)
     if "kto" in stages:

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .pipeline import PipelineConfig
 
+HELDOUT_SFT_ROWS = 256  # built-in tasks: demonstrations held out from SFT, for the NLL of each policy
+HELDOUT_SEED_OFFSET = 1_000_003  # their draw's seed offset from the run's seed
+
 
 def is_done(path: Path) -> bool:
     return (path / "DONE").is_file()
@@ -64,6 +67,10 @@ def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
         write_jsonl(demos(cfg.sft_examples, cfg.seed), paths["sft"])
     if not cfg.prompt_dataset and not paths["prompts"].is_file():
         write_jsonl(prompt_rows(cfg.train_prompts, cfg.seed, "train"), paths["prompts"])
+    if not cfg.sft_dataset:  # held-out demonstrations (a fresh draw) for the alignment tax: NLL before / after RL
+        paths["sft_heldout"] = data / "sft_heldout.jsonl"
+        if not paths["sft_heldout"].is_file():
+            write_jsonl(demos(HELDOUT_SFT_ROWS, cfg.seed + HELDOUT_SEED_OFFSET), paths["sft_heldout"])
     if not cfg.eval_prompt_dataset and not paths["eval_prompts"].is_file():
         write_jsonl(prompt_rows(cfg.task_default("eval_prompts"), cfg.seed, "eval"), paths["eval_prompts"])
     return paths

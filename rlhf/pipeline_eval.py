@@ -39,14 +39,17 @@ def evaluate_stage(
     )
     results: dict[str, Any] = {"policies": {}}
     with torch.no_grad():
+        heldout = read_jsonl(paths["sft_heldout"]) if "sft_heldout" in paths else None
         base = ev.evaluate_policy(sft_model, tokenizer, prompts, **common)
         results["policies"]["sft"] = base
         for name, path in policies.items():
+            model = sft_model if name == "sft" else load_causal_lm(str(path), tokenizer).eval()
             if name != "sft":
-                model = load_causal_lm(str(path), tokenizer).eval()
                 results["policies"][name] = ev.evaluate_policy(
                     model, tokenizer, prompts, baseline_gold=base.get("per_prompt_gold"), **common
                 )
+            if heldout:
+                results["policies"][name]["sft_nll"] = ev.heldout_nll(model, tokenizer, heldout)
         if rm is not None and cfg.best_of_n > 1:
             results["policies"][f"best-of-{cfg.best_of_n} (SFT + RM)"] = ev.best_of_n(
                 sft_model,

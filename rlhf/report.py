@@ -15,6 +15,7 @@ COLUMNS = (
     ("rm_reward", "RM reward"),
     ("kl_to_sft", "KL to SFT (nats/seq)"),
     ("win_rate_vs_sft", "win rate vs SFT (gold)"),
+    ("sft_nll", "NLL on held-out SFT data"),
     ("response_length", "response length"),
     ("eos_rate", "EOS rate"),
 )
@@ -23,6 +24,7 @@ CURVES = (
     ("rm", "accuracy"),
     ("ppo", "objective_scores"),
     ("ppo", "objective_kl"),
+    ("ppo_ptx", "ptx_loss"),
     ("dpo", "rewards_accuracies"),
     ("dpo", "rewards_margins"),
     ("kto", "rewards_margins"),
@@ -106,7 +108,8 @@ def render_report(cfg: Any, results: dict, out: Path) -> Path:
         else "Means over one sampled response per held-out prompt (temperature 1). KL to SFT: the exact sequence KL "
         "(sum over response tokens of the full-vocabulary KL) on the policy's own samples; for best-of-n it is the "
         "analytic bound log n - (n-1)/n. Win rate: the share of prompts where the policy's gold reward beats the "
-        "SFT sample's (ties count half).",
+        "SFT sample's (ties count half). NLL on held-out SFT data: nats per response token of demonstrations "
+        "no stage trained on (the alignment tax: its rise from SFT).",
         "",
     ]
     lines += results_table(results)

@@ -21,6 +21,7 @@ SMALL = [
     "sft_steps=6",
     "rm_steps=4",
     "ppo_steps=2",
+    "ptx_coef=0.5",
     "dpo_steps=4",
     "kto_steps=3",
     "grpo_steps=2",
@@ -42,10 +43,13 @@ def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
         assert (out / stage / "DONE").is_file(), stage
     results = json.loads((out / "results.json").read_text())
     policies = results["policies"]
-    assert {"sft", "ppo", "dpo", "kto", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
+    assert {"sft", "ppo", "ppo-ptx", "dpo", "kto", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
     for name, metrics in policies.items():
         for key in ("gold_reward", "rm_reward", "kl_to_sft", "response_length"):
             assert key in metrics and metrics[key] == metrics[key], (name, key)  # present and not NaN
+        if not name.startswith("best-of"):  # the alignment tax: NLL on held-out SFT demonstrations
+            assert 0 < metrics["sft_nll"] < 20, (name, metrics.get("sft_nll"))
+    assert (out / "ppo_ptx" / "DONE").is_file()
     assert abs(policies["sft"]["kl_to_sft"]) < 1e-4  # the SFT policy against itself
     assert "win_rate_vs_sft" in policies["ppo"] and 0 <= policies["ppo"]["win_rate_vs_sft"] <= 1
     assert 0 <= results["rm_accuracy"] <= 1 and 0.5 <= results["rm_best_accuracy"] <= 1
