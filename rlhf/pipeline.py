@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, _opt, load_config, validate_fields
 from .grpo_core import GRPOConfig
+from .judges import DEFAULT_RUBRIC
 from .pipeline_data import (  # noqa: F401  (is_done ... read_jsonl re-exported for pipeline_eval)
     build_data,
     is_done,
@@ -95,6 +96,12 @@ class PipelineConfig:
                                     + ", ".join(f"{t}: {d['eval_prompts']}" for t, d in TASK_DEFAULTS.items())
                                     + "; qa: distinct questions)")  # fmt: skip
     label_beta: float = _opt(4.0, "built-in task: Bradley-Terry sharpness of the gold labels (higher = less noise)")
+    labels: str = _opt(
+        "gold", "training pairs labelled by: gold (a Bradley-Terry draw on the gold reward) | ai (judge)"
+    )
+    judge: str | None = _opt(None, "labels=ai: the judge (see rlhf label --help): llm:<model>, an RM directory, "
+                             "module:function or gold")  # fmt: skip
+    rubric: str = _opt(DEFAULT_RUBRIC, "labels=ai with an llm judge: what makes an answer better")
     max_new_tokens: int = _opt(24, "longest sampled response (pairs, PPO and evaluation)")
     best_of_n: int = _opt(4, "n of the best-of-n baseline (0 = skip)")
     sft_steps: int | None = _opt(None, "SFT optimizer steps (None = the task's: " + ", ".join(
@@ -144,6 +151,10 @@ class PipelineConfig:
                      "pass_k"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.labels not in ("gold", "ai"):
+            raise ValueError(f"labels must be gold or ai; got {self.labels!r}")
+        if self.labels == "ai" and (not self.judge or self.preference_dataset):
+            raise ValueError("labels=ai needs judge= and labels the sampled pairs (not a preference_dataset)")
         if self.ptx_coef < 0:
             raise ValueError(f"ptx_coef must be >= 0; got {self.ptx_coef}")
         if self.rm_k < 2:

@@ -91,14 +91,49 @@ def sample_pairs(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path) -> 
                 sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k) for k in (1, 2)
             )
             rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=cfg.seed)
+            info[f"{split}_best_accuracy"] = best
+            if split == "train" and cfg.labels == "ai":  # the judge replaces the gold draw (held-out pairs stay)
+                info["gold_draw_agreement"] = gold_label_accuracy(rows, task.gold_reward)
+                rows, info["judge_order_agreement"] = judge_pairs(cfg, prompts, a, b)
+                info["judge_gold_agreement"] = gold_label_accuracy(rows, task.gold_reward)
             write_jsonl(rows, stage / f"{split}.jsonl")
-            info[f"{split}_pairs"], info[f"{split}_best_accuracy"] = len(rows), best
+            info[f"{split}_pairs"] = len(rows)
         mark_done(stage, info)
     info = read_done(stage)
     pairs = {"train": stage / "train.jsonl", "eval": stage / "eval.jsonl", "best_accuracy": info["eval_best_accuracy"]}
+    pairs.update({k: info[k] for k in ("judge_gold_agreement", "judge_order_agreement", "gold_draw_agreement")
+                  if k in info})  # fmt: skip
     if cfg.rm_k > 2:
         pairs["ranked"] = sample_rankings(cfg, stage, paths, sft_dir)
     return pairs
+
+
+def judge_pairs(cfg: PipelineConfig, prompts: list[dict], a: list[str], b: list[str]) -> tuple[list[dict], float]:
+    """``labels=ai``: the pairs (a, b) labelled by ``cfg.judge`` (:mod:`rlhf.judges`); ties, repeated and empty
+    responses give no row. Returns the rows and how often an LLM judge's two orders agreed (None otherwise)."""
+    from .judges import build_judge
+    from .models import resolve_device
+
+    judge = build_judge(cfg.judge, rubric=cfg.rubric, device=resolve_device(cfg.device))
+    rows = []
+    for prompt, x, y in zip(prompts, a, b, strict=True):
+        if x == y or not x.strip() or not y.strip():
+            continue
+        sx, sy = judge.scores(prompt["prompt"], [x, y], {k: v for k, v in prompt.items() if k != "prompt"})
+        if sx != sy:
+            chosen, rejected = (x, y) if sx > sy else (y, x)
+            rows.append({"prompt": prompt["prompt"], "chosen": chosen, "rejected": rejected})
+    agreement = sum(judge.agreement) / len(judge.agreement) if judge.agreement else None
+    return rows, agreement
+
+
+def gold_label_accuracy(rows: list[dict], gold_fn) -> float:
+    """Share of preference rows whose chosen response has the higher gold reward (ties count half)."""
+    score = 0.0
+    for row in rows:
+        chosen, rejected = gold_fn(row["prompt"], row["chosen"]), gold_fn(row["prompt"], row["rejected"])
+        score += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+    return score / max(len(rows), 1)
 
 
 def sample_rankings(cfg: PipelineConfig, stage: Path, paths: dict, sft_dir: Path) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .pipeline import PipelineConfig, is_done, mark_done, read_done, read_jsonl
+from .pipeline_data import gold_label_accuracy
 
 
 def evaluate_stage(
@@ -66,6 +67,11 @@ def evaluate_stage(
             results["rm_k"] = cfg.rm_k
             if builtin_task:  # the gold reward itself as a classifier of these particular (noisy) labels
                 results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), task.gold_reward)
+    for key in ("judge_gold_agreement", "judge_order_agreement", "gold_draw_agreement"):
+        if pairs.get(key) is not None:
+            results[key] = pairs[key]
+    if cfg.labels == "ai":
+        results["judge"] = cfg.judge
     for policy in results["policies"].values():
         policy.pop("per_prompt_gold", None)
         policy["examples"] = [[p["prompt"], r] for p, r in zip(prompts[:3], policy.pop("responses", [])[:3])]
@@ -104,15 +110,6 @@ def evaluate_qa_stage(cfg: PipelineConfig, out: Path, paths: dict, policies: dic
     write_report(cfg, results, out)
     mark_done(stage, results)
     return results
-
-
-def gold_label_accuracy(rows: list[dict], gold_fn) -> float:
-    """Share of preference rows whose chosen response has the higher gold reward (ties count half)."""
-    score = 0.0
-    for row in rows:
-        chosen, rejected = gold_fn(row["prompt"], row["chosen"]), gold_fn(row["prompt"], row["rejected"])
-        score += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
-    return score / max(len(rows), 1)
 
 
 def write_report(cfg: PipelineConfig, results: dict, out: Path) -> Path:

@@ -123,6 +123,12 @@ def render_report(cfg: Any, results: dict, out: Path) -> Path:
             if "gold_accuracy" in results:
                 lines[-1] += f"; the gold reward itself scores {_fmt(results['gold_accuracy'])} on this draw"
             lines[-1] += ")"
+    if "judge" in results:
+        lines += ["", f"Training pairs labelled by the judge `{results['judge']}`: its preference agrees with the gold "
+                  f"reward on {_fmt(results.get('judge_gold_agreement'))} of them (the gold Bradley-Terry draw on "
+                  f"the same samples: {_fmt(results.get('gold_draw_agreement'))})"]  # fmt: skip
+        if results.get("judge_order_agreement") is not None:
+            lines[-1] += f"; its two orders agreed on {_fmt(results['judge_order_agreement'])} of the pairs"
     png = plot_gold_vs_kl(results, out / "report.png")
     if png is not None:
         lines += ["", "![gold reward against KL](report.png)"]

@@ -115,3 +115,26 @@ def test_pipeline_rm_on_k_ranked_responses(tmp_path):
     assert "rankings of 3 responses per prompt" in (out / "report.md").read_text()
     with pytest.raises(ValueError, match="rm_k must be >= 2"):
         PipelineConfig(rm_k=1).validate()
+
+
+def test_pipeline_with_ai_labels(tmp_path):
+    """labels=ai: a judge (here a function preferring longer answers) labels the training pairs; the report states
+    how often it agrees with the gold reward, beside the gold draw's agreement on the same samples."""
+    out = tmp_path / "ai"
+    args = [a for a in SMALL if not a.startswith(("ppo", "kto", "grpo", "best", "ptx"))]
+    argv = [
+        "pipeline",
+        f"output_dir={out}",
+        "labels=ai",
+        "judge=reward_fns:completion_length",
+        "stages=sft,pairs,rm,dpo,eval",
+    ]
+    assert main([*argv, *args]) == 0
+    rows = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
+    assert rows and all(len(r["chosen"]) > len(r["rejected"]) for r in rows)  # the judge's labels
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == "reward_fns:completion_length" and 0 <= results["judge_gold_agreement"] <= 1
+    assert 0 <= results["gold_draw_agreement"] <= 1 and "judge_order_agreement" not in results  # not an LLM judge
+    assert "labelled by the judge `reward_fns:completion_length`" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="labels=ai needs judge="):
+        PipelineConfig(labels="ai").validate()
