@@ -31,6 +31,7 @@ from .config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, _o
 from .grpo_core import GRPOConfig
 from .judges import DEFAULT_RUBRIC
 from .pipeline_data import (  # noqa: F401  (is_done ... read_jsonl re-exported for pipeline_eval)
+    best_of_n_rows,
     build_data,
     is_done,
     mark_done,
@@ -40,7 +41,7 @@ from .pipeline_data import (  # noqa: F401  (is_done ... read_jsonl re-exported 
     write_jsonl,
 )
 
-STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "kto", "grpo", "eval")
+STAGE_NAMES = ("sft", "pairs", "rm", "ppo", "dpo", "kto", "rs", "grpo", "eval")
 STAGE_CONFIGS = {
     "sft": SFTConfig,
     "rm": RewardConfig,
@@ -62,7 +63,7 @@ TASK_DEFAULTS = {  # task -> the defaults of the options left at None
     "qa": {"sft_steps": 1000, "grpo_steps": 100, "eval_prompts": 256, "grpo_options": {"dynamic_sampling": True}},
 }
 TASKS = {  # task -> its default stages
-    "reviews": "sft,pairs,rm,ppo,dpo,kto,grpo,eval",
+    "reviews": "sft,pairs,rm,ppo,dpo,kto,rs,grpo,eval",
     "qa": "sft,grpo,eval",
 }
 USER_DATA = {  # option -> the kind of data it holds
@@ -120,6 +121,8 @@ class PipelineConfig:
     )
     dpo_steps: int = _opt(200, "DPO optimizer steps")
     kto_steps: int = _opt(200, "KTO optimizer steps (32 examples each: the labels of 16 pairs, as a DPO step)")
+    rounds: int = _opt(1, "DPO and KTO rounds: each samples pairs from the current policy, labels them and trains on")
+    rs_steps: int = _opt(100, "rejection sampling: SFT steps on the best of best_of_n SFT samples per prompt")
     grpo_steps: int | None = _opt(None, "GRPO iterations of 8 prompts x 8 samples (None = the task's: " + ", ".join(
         f"{t}: {d['grpo_steps']}" for t, d in TASK_DEFAULTS.items()) + ")")  # fmt: skip
     grpo_reward: str = _opt(
@@ -142,7 +145,7 @@ class PipelineConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.grpo_reward not in ("gold", "rm"):
             raise ValueError(f"grpo_reward must be gold or rm; got {self.grpo_reward!r}")
-        if self.task == "qa" and set(self.stage_list()) & {"pairs", "rm", "ppo", "dpo", "kto"}:
+        if self.task == "qa" and set(self.stage_list()) & {"pairs", "rm", "ppo", "dpo", "kto", "rs"}:
             raise ValueError("task=qa runs the stages sft, grpo and eval (no preference pairs or reward model)")
         unknown = [s for s in self.stage_list() if s not in STAGE_NAMES]
         if unknown:
@@ -155,6 +158,11 @@ class PipelineConfig:
             raise ValueError(f"labels must be gold or ai; got {self.labels!r}")
         if self.labels == "ai" and (not self.judge or self.preference_dataset):
             raise ValueError("labels=ai needs judge= and labels the sampled pairs (not a preference_dataset)")
+        if self.rounds < 1 or (self.rounds > 1 and self.preference_dataset):
+            raise ValueError(f"rounds must be >= 1, and > 1 only with sampled pairs (no preference_dataset); got "
+                             f"{self.rounds}")  # fmt: skip
+        if "rs" in self.stage_list() and self.best_of_n < 2:
+            raise ValueError("stage rs (rejection sampling) needs best_of_n >= 2")
         if self.ptx_coef < 0:
             raise ValueError(f"ptx_coef must be >= 0; got {self.ptx_coef}")
         if self.rm_k < 2:
@@ -164,9 +172,10 @@ class PipelineConfig:
         if self.label_beta <= 0:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
         needs_rm = "ppo" in self.stage_list() or ("grpo" in self.stage_list() and self.grpo_reward == "rm")
+        needs_rm = needs_rm or ("rs" in self.stage_list() and self.labels == "gold")
         if needs_rm and "rm" not in self.stage_list() and not self.reward_model:
             raise ValueError(
-                "stages ppo and grpo_reward=rm need a reward model: add 'rm' to stages or set reward_model"
+                "stages ppo, rs and grpo_reward=rm need a reward model: add 'rm' to stages or set reward_model"
             )
         for stage, cls in STAGE_CONFIGS.items():  # now, not when the stage starts minutes later
             try:
@@ -287,11 +296,12 @@ def run_ppo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: 
     return stage / "final"
 
 
-def run_dpo(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
+def run_dpo(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict, *, round_: int = 1) -> Path:
+    """DPO from ``sft_dir`` (round 1: SFT; round r: round r-1's policy, also the reference) on ``pairs``."""
     from . import dpo
     from .config import DPOConfig
 
-    stage = out / "dpo"
+    stage = out / ("dpo" if round_ == 1 else f"dpo_round{round_}")
     if not is_done(stage):
         held_out = dict(eval_dataset=pairs["eval"]) if pairs["eval"] else {}
         dcfg = stage_config(
@@ -311,11 +321,11 @@ def run_dpo(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
     return stage / "final"
 
 
-def run_kto(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
+def run_kto(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict, *, round_: int = 1) -> Path:
     """KTO on the DPO pairs turned unpaired (the chosen response desirable, the rejected one undesirable)."""
     from . import kto
 
-    stage = out / "kto"
+    stage = out / ("kto" if round_ == 1 else f"kto_round{round_}")
     if not is_done(stage):
         held_out = dict(eval_dataset=pairs["eval"]) if pairs["eval"] else {}
         kcfg = stage_config(
@@ -332,6 +342,43 @@ def run_kto(cfg: PipelineConfig, out: Path, sft_dir: Path, pairs: dict) -> Path:
             **held_out,
         )
         mark_done(stage, kto.train(kcfg, resume=True))
+    return stage / "final"
+
+
+def iterate(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, pairs: dict, name: str, run_stage) -> dict:
+    """``rounds`` of sample -> label -> train for DPO or KTO: round 1 on the pairs sampled from SFT, round r on
+    pairs sampled from round r-1's policy (labelled the same way) and trained from it. The policies by name:
+    ``name``, ``name (round 2)``, ..."""
+    policies, current, round_pairs = {}, sft_dir, pairs
+    for r in range(1, cfg.rounds + 1):
+        if r > 1:
+            round_pairs = sample_pairs(cfg, out, paths, current, round_=r, method=name)
+        current = run_stage(cfg, out, current, round_pairs, round_=r)
+        policies[name if r == 1 else f"{name} (round {r})"] = current
+    return policies
+
+
+def run_rejection_sampling(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir: Path | None) -> Path:
+    """Rejection-sampling fine-tuning: SFT from the SFT policy on the best of ``best_of_n`` samples per training
+    prompt, chosen by the reward model (or the ``labels=ai`` judge)."""
+    from . import sft
+    from .judges import build_judge
+    from .models import resolve_device
+
+    stage = out / "rs"
+    if not is_done(stage):
+        spec = cfg.judge if cfg.labels == "ai" else str(rm_dir) if rm_dir else None
+        if spec is None:
+            raise ValueError("stage rs needs a reward model (stage rm or reward_model=) or labels=ai with a judge")
+        judge = build_judge(spec, rubric=cfg.rubric, device=resolve_device(cfg.device))
+        stage.mkdir(parents=True, exist_ok=True)
+        data = best_of_n_rows(cfg, stage / "best_of_n.jsonl", paths, sft_dir, judge)
+        scfg = stage_config(
+            SFTConfig, cfg, cfg.sft_args, model=sft_dir, dataset=data, output_dir=stage, max_steps=cfg.rs_steps,
+            lr=2e-4, batch_size=16, warmup_ratio=0.05, eval_fraction=0.0, eval_steps=0, save_steps=50,
+            logging_steps=10,
+        )  # fmt: skip
+        mark_done(stage, sft.train(scfg, resume=True))
     return stage / "final"
 
 
@@ -377,7 +424,8 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
     check_user_data(cfg)
     out = Path(cfg.output_dir)
     if not resume and out.exists():
-        for name in ("data", *STAGE_NAMES, "ppo_ptx", "results.json", "report.md", "report.png"):
+        rounds = [p.name for p in out.glob("*_round*")]
+        for name in ("data", *STAGE_NAMES, "ppo_ptx", *rounds, "results.json", "report.md", "report.png"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -396,10 +444,11 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
         policies["ppo"] = run_ppo(cfg, out, paths, sft_dir, rm_dir)
         if cfg.ptx_coef > 0:
             policies["ppo-ptx"] = run_ppo(cfg, out, paths, sft_dir, rm_dir, ptx=True)
-    if "dpo" in stages:
-        policies["dpo"] = run_dpo(cfg, out, sft_dir, pairs)
-    if "kto" in stages:
-        policies["kto"] = run_kto(cfg, out, sft_dir, pairs)
+    for name, run_stage in (("dpo", run_dpo), ("kto", run_kto)):
+        if name in stages:
+            policies.update(iterate(cfg, out, paths, sft_dir, pairs, name, run_stage))
+    if "rs" in stages:
+        policies["rs"] = run_rejection_sampling(cfg, out, paths, sft_dir, rm_dir)
     if "grpo" in stages:
         policies["grpo"] = run_grpo(cfg, out, paths, sft_dir, rm_dir)
     results = {}

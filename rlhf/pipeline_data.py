@@ -76,21 +76,27 @@ def build_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
     return paths
 
 
-def sample_pairs(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path) -> dict[str, Any]:
-    """Two samples per prompt from the SFT policy, labelled by a Bradley-Terry draw on the gold reward."""
+def sample_pairs(
+    cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, *, round_: int = 1, method: str = ""
+) -> dict[str, Any]:
+    """Two samples per prompt from the SFT policy, labelled by a Bradley-Terry draw on the gold reward (or, with
+    ``labels=ai``, by the judge). Round ``r > 1`` of ``rounds`` (``sft_dir`` then ``method``'s current policy):
+    training pairs only, in ``pairs_<method>_round<r>``, with their own seeds; the held-out pairs are round 1's."""
     from . import task
 
-    stage = out / "pairs"
+    stage = out / ("pairs" if round_ == 1 else f"pairs_{method}_round{round_}")
     if cfg.preference_dataset:
         return {"train": cfg.preference_dataset, "eval": None, "best_accuracy": None}
+    splits = (("train", paths["prompts"]), ("eval", paths["eval_prompts"]))[: 2 if round_ == 1 else 1]
     if not is_done(stage):
         info = {}
-        for split, source in (("train", paths["prompts"]), ("eval", paths["eval_prompts"])):
+        for split, source in splits:
             prompts = read_jsonl(source)
+            seed = cfg.seed + 1_000 * (round_ - 1)
             a, b = (
-                sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k) for k in (1, 2)
+                sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=seed + k) for k in (1, 2)
             )
-            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=cfg.seed)
+            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=seed)
             info[f"{split}_best_accuracy"] = best
             if split == "train" and cfg.labels == "ai":  # the judge replaces the gold draw (held-out pairs stay)
                 info["gold_draw_agreement"] = gold_label_accuracy(rows, task.gold_reward)
@@ -100,6 +106,8 @@ def sample_pairs(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path) -> 
             info[f"{split}_pairs"] = len(rows)
         mark_done(stage, info)
     info = read_done(stage)
+    if round_ > 1:
+        return {"train": stage / "train.jsonl", "eval": out / "pairs" / "eval.jsonl", "best_accuracy": None}
     pairs = {"train": stage / "train.jsonl", "eval": stage / "eval.jsonl", "best_accuracy": info["eval_best_accuracy"]}
     pairs.update({k: info[k] for k in ("judge_gold_agreement", "judge_order_agreement", "gold_draw_agreement")
                   if k in info})  # fmt: skip
@@ -175,3 +183,23 @@ def sample_responses(model_dir: Path, prompts: list[dict], *, max_new_tokens: in
             for ids, mask in zip(batch["input_ids"][:, P:], batch["response_mask"]):
                 texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
     return texts
+
+
+def best_of_n_rows(cfg: PipelineConfig, path: Path, paths: dict, sft_dir: Path, judge) -> Path:
+    """Rejection sampling's data: for each training prompt the best of ``best_of_n`` SFT samples by ``judge``
+    (the reward model, or the ``labels=ai`` judge), as SFT rows ``{"prompt", "completion"}``."""
+    if not path.is_file():
+        prompts = read_jsonl(paths["prompts"])
+        samples = [
+            sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 500 + k)
+            for k in range(cfg.best_of_n)
+        ]
+        rows = []
+        for i, prompt in enumerate(prompts):
+            candidates = list(dict.fromkeys(s[i] for s in samples if s[i].strip()))
+            if candidates:
+                scores = judge.scores(prompt["prompt"], candidates, {})
+                best = max(range(len(candidates)), key=lambda j: scores[j])
+                rows.append({"prompt": prompt["prompt"], "completion": candidates[best]})
+        write_jsonl(rows, path)
+    return path

@@ -29,6 +29,7 @@ CURVES = (
     ("dpo", "rewards_margins"),
     ("kto", "rewards_margins"),
     ("kto", "kl"),
+    ("rs", "loss"),
     ("grpo", "reward"),
     ("grpo", "completions_mean_length"),
 )

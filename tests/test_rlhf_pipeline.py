@@ -24,6 +24,7 @@ SMALL = [
     "ptx_coef=0.5",
     "dpo_steps=4",
     "kto_steps=3",
+    "rs_steps=3",
     "grpo_steps=2",
     "num_threads=1",
     "progress=false",
@@ -39,11 +40,13 @@ SMALL = [
 def test_pipeline_end_to_end_resumes_and_repeats(tmp_path):
     out = tmp_path / "run"
     assert main(["pipeline", f"output_dir={out}", *SMALL]) == 0
-    for stage in ("sft", "pairs", "rm", "ppo", "dpo", "kto", "grpo", "eval"):
+    for stage in ("sft", "pairs", "rm", "ppo", "dpo", "kto", "rs", "grpo", "eval"):
         assert (out / stage / "DONE").is_file(), stage
     results = json.loads((out / "results.json").read_text())
     policies = results["policies"]
-    assert {"sft", "ppo", "ppo-ptx", "dpo", "kto", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
+    assert {"sft", "ppo", "ppo-ptx", "dpo", "kto", "rs", "grpo", "best-of-2 (SFT + RM)"} <= set(policies)
+    best = [json.loads(line) for line in (out / "rs" / "best_of_n.jsonl").read_text().splitlines()]
+    assert len(best) == 32 and all(set(r) == {"prompt", "completion"} for r in best)  # one per training prompt
     for name, metrics in policies.items():
         for key in ("gold_reward", "rm_reward", "kl_to_sft", "response_length"):
             assert key in metrics and metrics[key] == metrics[key], (name, key)  # present and not NaN
@@ -138,3 +141,22 @@ def test_pipeline_with_ai_labels(tmp_path):
     assert "labelled by the judge `reward_fns:completion_length`" in (out / "report.md").read_text()
     with pytest.raises(ValueError, match="labels=ai needs judge="):
         PipelineConfig(labels="ai").validate()
+
+
+def test_pipeline_rounds_of_dpo_and_kto(tmp_path):
+    """rounds=2: round 2 samples pairs from round 1's policy, labels them, and trains from that policy."""
+    out = tmp_path / "rounds"
+    args = [a for a in SMALL if not a.startswith(("ppo", "grpo", "best", "ptx", "rs_"))]
+    assert main(["pipeline", f"output_dir={out}", "rounds=2", "stages=sft,pairs,dpo,kto,eval", *args]) == 0
+    for name in ("dpo_round2", "kto_round2", "pairs_dpo_round2", "pairs_kto_round2"):
+        assert (out / name / "DONE").is_file(), name
+    policies = json.loads((out / "results.json").read_text())["policies"]
+    assert {"dpo", "dpo (round 2)", "kto", "kto (round 2)"} <= set(policies)
+    for name in ("dpo (round 2)", "kto (round 2)"):
+        assert policies[name]["kl_to_sft"] == policies[name]["kl_to_sft"]  # measured, not NaN
+    import yaml
+
+    for name in ("dpo", "kto"):  # round 2 trained from round 1's policy
+        config = yaml.safe_load((out / f"{name}_round2" / "config.yaml").read_text())
+        assert config["model"] == str(out / name / "final")
+        assert config["dataset"] == str(out / f"pairs_{name}_round2" / "train.jsonl")
