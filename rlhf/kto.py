@@ -92,9 +92,19 @@ def loss_options(cfg: KTOConfig) -> dict:
     return dict(beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
 
 
-def kto_loss(model, batch: dict, normalizer: float, z: torch.Tensor, ref, context, head: LMHead, options: dict):
+def side_counts(batches) -> tuple[float, float]:
+    """(desirable, undesirable) examples of ``batches`` over every process."""
+    desirable = sum(int(b["desirable"].sum()) for b in batches)
+    total = sum(int(b["desirable"].numel()) for b in batches)
+    return tuple(distributed.all_reduce([desirable, total - desirable]).tolist())
+
+
+def kto_loss(model, batch: dict, normalizer: float, z: torch.Tensor, ref, context, head: LMHead, options: dict,
+             sides: tuple[float, float]):  # fmt: skip
     """``(loss, stats)`` of a micro-batch: the summed example losses divided by ``normalizer`` (the step's example
-    count); stats are the batch means scaled by ``B / normalizer`` so that micro-batches add up."""
+    count). Stats add up over the micro-batches to the step's exact means: ``rewards/chosen`` and ``logps/chosen``
+    are this batch's sums over its desirable examples divided by the step's desirable count ``sides[0]``, the
+    ``rejected`` ones likewise with ``sides[1]``, ``kl`` (z) scaled by ``B / normalizer``."""
     ref_logps = batch_reference(batch, ref, context, head)
     device = batch["input_ids"].device
     loss, stats = head.kto_loss(
@@ -102,10 +112,15 @@ def kto_loss(model, batch: dict, normalizer: float, z: torch.Tensor, ref, contex
         batch["desirable"].to(device), kl=z.to(device), normalizer=normalizer, **options,
     )  # fmt: skip
     examples = batch["input_ids"].shape[0]
-    scale = examples / normalizer
-    out = {k: v.detach() * scale for k, v in stats.items() if not k.startswith("num_") and k != "kl"}
+    weights = {
+        "chosen": stats["num_desirable"] / max(sides[0], 1),
+        "rejected": stats["num_undesirable"] / max(sides[1], 1),
+    }
+    out = {
+        f"{kind}/{side}": stats[f"{kind}/{side}"] * w for side, w in weights.items() for kind in ("rewards", "logps")
+    }
     out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-    out["kl"] = z.detach().clone() * scale
+    out["kl"] = z.detach().clone() * examples / normalizer
     out["loss"] = loss.detach()
     out["num_examples"] = torch.tensor(examples)
     return loss, out
@@ -116,13 +131,14 @@ def evaluate(model, rows, collate, cfg: KTOConfig, autocast, ref, context, head:
     device = next(model.parameters()).device
     batches = [(batch, real) for batch, real in shard_eval_batches(rows, collate, cfg.eval_batch_size, device)]
     z = reference_point(model, [b for b, real in batches if real], ref, context, head, autocast)
+    desirable = sum(1 for r in rows if r["label"])
+    sides = (desirable, len(rows) - desirable)
     parts = []
     for batch, real in batches:
-        with autocast():
-            _, stats = kto_loss(model, batch, 1, z, ref, context, head, loss_options(cfg))
+        with autocast():  # normalizer: every held-out example, so the totals are the means
+            _, stats = kto_loss(model, batch, len(rows), z, ref, context, head, loss_options(cfg), sides)
         parts.append(stats if real else distributed.neutral_stats(stats))
-    totals = eval_totals(parts)
-    return {k: v if k == "num_examples" else v / len(rows) for k, v in totals.items()}
+    return eval_totals(parts)
 
 
 def precompute_reference(rows: list[dict], ref, collate, cfg: KTOConfig, autocast, head: LMHead, context=None):
@@ -169,11 +185,12 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
         batches = micro_batches(ctx.rows, cfg.batch_size, collate, ctx.device)
         normalizer = max(int(distributed.all_reduce([sum(b["input_ids"].shape[0] for b in batches)]).item()), 1)
         z = reference_point(model, batches, ref, context, head, ctx.autocast)
+        sides = side_counts(batches)
         return accumulate_and_step(
             ctx.models,
             ctx.optimizers,
             batches,
-            lambda batch, norm: kto_loss(model, batch, norm, z, ref, context, head, options),
+            lambda batch, norm: kto_loss(model, batch, norm, z, ref, context, head, options, sides),
             normalizer,
             max_grad_norm=cfg.max_grad_norm,
             autocast=ctx.autocast,

@@ -85,6 +85,7 @@ RUNS = {
     "sft-ddp": ("sft", [*SUPERVISED, "distributed=ddp"]),
     "rm": ("rm", SUPERVISED),
     "dpo": ("dpo", SUPERVISED),
+    "kto": ("kto", SUPERVISED),
     "dpo-replicated-ref": ("dpo", [*SUPERVISED, "shard_frozen=false", "loss_type=ipo"]),
     **{f"ppo-{agg}": ("ppo", [*PPO, f"agg={agg}"]) for agg in AGG_MODES},
     "grpo": ("grpo", [*GRPO, "recipe=grpo"]),

@@ -14,10 +14,10 @@ pytest.importorskip("tokenizers")
 import torch  # noqa: E402
 
 import rlhf_kernels  # noqa: E402
-from rlhf import dpo, grpo, ppo, reward, sft  # noqa: E402
+from rlhf import dpo, grpo, kto, ppo, reward, sft  # noqa: E402
 from rlhf import train as core  # noqa: E402
 from rlhf.cli import STAGES  # noqa: E402
-from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig  # noqa: E402
+from rlhf.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig  # noqa: E402
 from rlhf.grpo_core import GRPOConfig  # noqa: E402
 
 RLHF = Path(core.__file__).resolve().parent
@@ -39,7 +39,7 @@ def _names_used(path: Path) -> set[str]:
 
 
 def test_the_scan_sees_every_fused_op():
-    assert len(FUSED_OPS) == 4  # logprobs, kl, ppo, dpo: the scan below would be empty without them
+    assert len(FUSED_OPS) == 5  # logprobs, kl, ppo, dpo, kto: the scan below would be empty without them
     assert HEAD_ONLY & _names_used(RLHF / "models.py") >= {*FUSED_OPS, "get_output_embeddings"}
 
 
@@ -94,6 +94,7 @@ CASES = {
     "sft": (sft.train, SFTConfig, dict(batch_size=4)),
     "rm": (reward.train, RewardConfig, dict(batch_size=4)),
     "dpo": (dpo.train, DPOConfig, dict(batch_size=4)),
+    "kto": (kto.train, KTOConfig, dict(batch_size=4)),
     "ppo": (
         ppo.train,
         PPOConfig,
@@ -108,7 +109,7 @@ CASES = {
 
 
 def test_every_training_stage_is_covered():
-    assert set(STAGES) - {"pipeline"} == set(CASES)
+    assert set(STAGES) - {"pipeline", "label"} == set(CASES)  # label trains nothing
 
 
 @pytest.mark.parametrize("stage", sorted(CASES))

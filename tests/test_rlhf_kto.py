@@ -93,7 +93,7 @@ def test_micro_batch_loss_and_the_reference_point(tok):
         plain_seq_logps(policy, *(batch[k] for k in kl_args)) - plain_seq_logps(ref, *(batch[k] for k in kl_args))
     ).mean()
     assert z.item() == pytest.approx(max(plain_z.item(), 0.0), abs=1e-4)
-    loss, stats = kto.kto_loss(policy, batch, 6, torch.tensor(0.3), ref, None, head, options)
+    loss, stats = kto.kto_loss(policy, batch, 6, torch.tensor(0.3), ref, None, head, options, (3, 3))
     main = ("input_ids", "attention_mask", "labels")
     pi, ref_lp = plain_seq_logps(policy, *(batch[k] for k in main)), plain_seq_logps(ref, *(batch[k] for k in main))
     expected, expected_stats = rlhf_kernels.kto_loss(pi, ref_lp, batch["desirable"], kl=0.3, **options)
