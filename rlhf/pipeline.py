@@ -459,7 +459,11 @@ def train(cfg: PipelineConfig, resume: bool = True) -> dict:
             results = evaluate_qa_stage(cfg, out, paths, policies)
         else:
             results = evaluate_stage(cfg, out, paths, policies, rm_dir, pairs)
-    trained = {name: path for name, path in {"sft": sft_dir, "rm": rm_dir, **policies}.items() if name in stages}
+    trained = {  # the rounds and ppo-ptx with their stage
+        name: path
+        for name, path in {"sft": sft_dir, "rm": rm_dir, **policies}.items()
+        if name.split(" ")[0].split("-")[0] in stages
+    }
     if cfg.reward_model:  # the user's, not trained here
         trained.pop("rm", None)
     print(summary(results, out, trained, time.perf_counter() - t0))
