@@ -19,6 +19,7 @@ import traceback
 from . import distributed
 from .config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, config_help, load_config
 from .errors import UserError
+from .frontier import FrontierConfig
 from .grpo_core import GRPOConfig
 from .label import LabelConfig
 from .pipeline import PipelineConfig
@@ -32,6 +33,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "ppo": (PPOConfig, "rlhf.ppo"),
     "grpo": (GRPOConfig, "rlhf.grpo"),
     "label": (LabelConfig, "rlhf.label"),
+    "frontier": (FrontierConfig, "rlhf.frontier"),
     "pipeline": (PipelineConfig, "rlhf.pipeline"),
 }
 
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="YAML file of config options")
         if name == "label":  # labelling always resumes from the chunks already written
             pass
-        elif name == "pipeline":  # the pipeline always resumes: finished stages are skipped
+        elif name in ("pipeline", "frontier"):  # always resume: finished stages and points are skipped
             sub.add_argument("--restart", action="store_true", help="delete earlier stage outputs and start over")
         else:
             sub.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(cfg)
     except (ValueError, FileNotFoundError) as e:
         return error_exit(e, debug)
-    resume = not args.restart if args.stage == "pipeline" else getattr(args, "resume", True)
+    resume = not args.restart if args.stage in ("pipeline", "frontier") else getattr(args, "resume", True)
     try:
         importlib.import_module(module_name).train(cfg, resume=resume)
     except UserError as e:

@@ -32,7 +32,7 @@ def test_stage_table():
     assert STAGES["sft"] == (SFTConfig, "rlhf.sft")
     assert STAGES["rm"] == (RewardConfig, "rlhf.reward")
     for name, (cls, module_name) in STAGES.items():
-        assert issubclass(cls, TrainConfig) or name in ("pipeline", "label")
+        assert issubclass(cls, TrainConfig) or name in ("pipeline", "label", "frontier")
         assert importlib.util.find_spec(module_name) is not None, module_name
 
 
@@ -45,7 +45,7 @@ def test_help_lists_every_field_with_default(stage, capsys, fake_stages):
     for f in dataclasses.fields(cls):
         assert f.name in lines, f"{f.name} missing from rlhf {stage} --help"
         assert f"= {format_default(f.default)} " in lines[f.name], lines[f.name]
-    flag = {"pipeline": "--restart", "label": None}.get(stage, "--resume")  # label always resumes
+    flag = {"pipeline": "--restart", "frontier": "--restart", "label": None}.get(stage, "--resume")
     assert (flag is None or flag in out) and "--config" in out
     assert not fake_stages
 

@@ -1,0 +1,271 @@
+"""``rlhf frontier``: methods compared the way the papers do, by the frontier of gold reward against exact KL to SFT.
+
+Each method's strength is swept over a grid, each point over several seeds: DPO's and KTO's ``beta``, PPO's
+``kl_coef``, GRPO's ``beta`` (its KL to the reference), best-of-n's ``n``. Every point starts from the same SFT
+policy, reward model and preference pairs (the pipeline's, built once in ``<output_dir>/base``) and is evaluated as
+the pipeline evaluates a policy: gold reward, proxy (reward-model) reward, exact sequence KL to SFT, win rate
+against SFT, on the held-out prompts, with the point's seed. A point is one directory with a ``point.json``
+written atomically last: a killed sweep continues where it stopped, a finished point is never recomputed,
+``--restart`` starts over.
+
+From the points, computed and not written by hand: per (method, strength) the mean and standard error over seeds;
+per method the best mean gold reward within each KL budget; and for each pair of methods whether one's frontier
+dominates the other's: every point of B has a point of A with no more KL and no less gold reward, and at least one
+of them with more gold reward by more than the two points' standard errors combined. Outputs: ``frontier.json``
+(every point and the summary), ``frontier.md`` (tables) and ``frontier.png`` (gold reward against KL, one curve
+per method, error bars over seeds; best-of-n at its analytic KL bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import _opt, validate_fields
+
+METHODS = {  # method -> (its strength, the pipeline option that carries it)
+    "dpo": ("beta", "dpo_args"),
+    "kto": ("beta", "kto_args"),
+    "ppo": ("kl_coef", "ppo_args"),
+    "grpo": ("beta", "grpo_args"),
+    "best_of_n": ("n", None),
+}
+PRESETS = {  # preset -> pipeline options of the base and of every point (sizes and steps)
+    "default": "",
+    "quick": "model=builtin-small sft_examples=128 train_prompts=32 eval_prompts=16 max_new_tokens=8 sft_steps=6 "
+    "rm_steps=4 ppo_steps=2 dpo_steps=4 kto_steps=3 grpo_steps=2 "
+    "ppo_args='rollout_batch_size=8 mini_batch_size=4 ppo_epochs=1 plots=false tensorboard=false' "
+    "kto_args='batch_size=8 plots=false tensorboard=false' dpo_args='plots=false tensorboard=false' "
+    "grpo_args='prompts_per_step=4 num_generations=2 plots=false tensorboard=false' "
+    "sft_args='plots=false tensorboard=false' rm_args='plots=false tensorboard=false'",
+}
+
+
+@dataclass
+class FrontierConfig:
+    """Reward-KL frontiers: each method's strength swept over a grid and several seeds, evaluated on gold reward."""
+
+    output_dir: str = _opt("runs/frontier", "directory of the base stages, the points and the figures")
+    model: str = _opt("builtin", "initial model (as the pipeline's model option)")
+    methods: str = _opt("dpo,kto,ppo,grpo,best_of_n", "methods to sweep: " + ", ".join(METHODS))
+    dpo: str = _opt("0.03,0.1,0.3,1.0", "DPO beta grid")
+    kto: str = _opt("0.03,0.1,0.3,1.0", "KTO beta grid")
+    ppo: str = _opt("0.01,0.05,0.2", "PPO kl_coef grid")
+    grpo: str = _opt("0.0,0.04,0.2", "GRPO beta grid (its KL to the reference)")
+    best_of_n: str = _opt("1,2,4,8,16", "best-of-n grid of n")
+    seeds: str = _opt("0,1", "seeds of every point")
+    budgets: str = _opt("1,2,5", "KL budgets (nats per sequence) for the best gold reward within each")
+    preset: str = _opt("default", "sizes: default (the pipeline's) | quick (a few steps; tests)")
+    pipeline_args: str = _opt("", "more pipeline options for the base and every point, 'key=value ...'")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    num_threads: int = _opt(0, "torch CPU threads (0 = torch default)")
+    progress: bool = _opt(True, "show progress bars")
+
+    def validate(self) -> None:
+        validate_fields(self, required=("output_dir", "methods", "seeds"))
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        for name in [*self.method_list(), "seeds", "budgets"]:
+            values = self.grid(name)
+            if not values:
+                raise ValueError(f"{name} must list at least one value")
+        if any(n < 1 or n != int(n) for n in self.grid("best_of_n")):
+            raise ValueError("best_of_n values must be integers >= 1")
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def grid(self, name: str) -> list[float]:
+        try:
+            return [float(v) for v in str(getattr(self, name)).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated numbers, got {getattr(self, name)!r}") from None
+
+
+def points(cfg: FrontierConfig) -> list[tuple[str, float, int]]:
+    """Every point of the sweep: ``(method, strength, seed)``, the SFT baseline of each seed first."""
+    seeds = [int(s) for s in cfg.grid("seeds")]
+    out = [("sft", 0.0, s) for s in seeds]
+    for method in cfg.method_list():
+        out += [(method, value, s) for value in cfg.grid(method) for s in seeds]
+    return out
+
+
+def point_name(method: str, value: float, seed: int) -> str:
+    return f"{method}-{value:g}-s{seed}"
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean and standard error over seeds of gold reward, proxy reward and KL, per (method, strength)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["strength"]), []).append(r)
+    out = []
+    for (method, strength), rows in groups.items():
+        entry = {"method": method, "strength": strength, "seeds": len(rows)}
+        for key in ("gold_reward", "rm_reward", "kl_to_sft", "win_rate_vs_sft"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+                entry[key], entry[f"{key}_sem"] = mean, math.sqrt(var / len(values)) if len(values) > 1 else 0.0
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["method"], e["strength"]))
+
+
+def best_within(summary: list[dict], method: str, budget: float) -> dict | None:
+    """The point of ``method`` with the highest mean gold reward among those with mean KL <= ``budget``."""
+    inside = [e for e in summary if e["method"] == method and e.get("kl_to_sft", math.inf) <= budget]
+    return max(inside, key=lambda e: e["gold_reward"], default=None)
+
+
+def dominates(summary: list[dict], a: str, b: str) -> bool:
+    """Whether method ``a``'s frontier dominates ``b``'s within the seeds' error (module docstring)."""
+    pa = [e for e in summary if e["method"] == a]
+    pb = [e for e in summary if e["method"] == b]
+    if not pa or not pb:
+        return False
+    clear = False
+    for q in pb:
+        covering = [p for p in pa if p["kl_to_sft"] <= q["kl_to_sft"] and p["gold_reward"] >= q["gold_reward"]]
+        if not covering:
+            return False
+        error = [math.hypot(p.get("gold_reward_sem", 0.0), q.get("gold_reward_sem", 0.0)) for p in covering]
+        clear = clear or any(p["gold_reward"] - q["gold_reward"] > e for p, e in zip(covering, error, strict=True))
+    return clear
+
+
+def conclusions(summary: list[dict], methods: list[str], budgets: list[float]) -> dict[str, Any]:
+    best = {m: {f"{b:g}": best_within(summary, m, b) for b in budgets} for m in methods}
+    dominance = [[a, b] for a in methods for b in methods if a != b and dominates(summary, a, b)]
+    return {"best_within_budget": best, "dominates": dominance}
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+
+
+def run_point(cfg, base, pcfg, method: str, value: float, seed: int, point_dir: Path) -> dict:
+    """Train (unless best-of-n or SFT) and evaluate one point; returns its record."""
+    import torch
+
+    from . import evaluate as ev
+    from .models import load_causal_lm, load_reward_model, load_tokenizer
+    from .pipeline import run_dpo, run_grpo, run_kto, run_ppo
+    from .pipeline_data import read_jsonl
+
+    strength, option = METHODS.get(method, (None, None))
+    point_cfg = dataclasses.replace(pcfg, seed=seed)
+    if option is not None:
+        point_cfg = dataclasses.replace(point_cfg, **{option: f"{getattr(pcfg, option)} {strength}={value:g}"})
+    runs = {"dpo": lambda: run_dpo(point_cfg, point_dir, base["sft"], base["pairs"]),
+            "kto": lambda: run_kto(point_cfg, point_dir, base["sft"], base["pairs"]),
+            "ppo": lambda: run_ppo(point_cfg, point_dir, base["paths"], base["sft"], base["rm"]),
+            "grpo": lambda: run_grpo(point_cfg, point_dir, base["paths"], base["sft"], base["rm"])}  # fmt: skip
+    trained = runs[method]() if method in runs else None  # training first, with gradients
+    tokenizer = load_tokenizer(str(base["sft"]))
+    sft_model = load_causal_lm(str(base["sft"]), tokenizer).eval()
+    rm = load_reward_model(str(base["rm"]), tokenizer).eval()
+    prompts = read_jsonl(base["paths"]["eval_prompts"])
+    common = dict(max_new_tokens=pcfg.max_new_tokens, batch_size=64, seed=seed)
+    with torch.no_grad():
+        baseline = ev.evaluate_policy(sft_model, tokenizer, prompts, **common)["per_prompt_gold"]
+        if method == "best_of_n":
+            metrics = ev.best_of_n(sft_model, rm, tokenizer, prompts, n=int(value), baseline_gold=baseline, **common)
+        else:
+            model = sft_model if trained is None else load_causal_lm(str(trained), tokenizer).eval()
+            metrics = ev.evaluate_policy(model, tokenizer, prompts, sft_model=sft_model, reward_model=rm,
+                                         baseline_gold=None if method == "sft" else baseline, **common)  # fmt: skip
+    keep = ("gold_reward", "gold_reward_sem", "rm_reward", "kl_to_sft", "win_rate_vs_sft", "response_length")
+    return {"method": method, "strength": value, "seed": seed, **{k: metrics[k] for k in keep if k in metrics}}
+
+
+def train(cfg: FrontierConfig, resume: bool = True) -> dict:
+    """Run the sweep (resuming unless ``resume=False``), then write ``frontier.json``, ``frontier.md`` and
+    ``frontier.png``; returns the summary and the conclusions."""
+    import shlex
+
+    from tqdm.auto import tqdm
+
+    from .config import load_config
+    from .pipeline import PipelineConfig, run_rm, run_sft
+    from .pipeline_data import build_data, sample_pairs
+    from .train import seed_everything
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    if not resume and out.exists():
+        shutil.rmtree(out)
+    overrides = shlex.split(PRESETS[cfg.preset]) + shlex.split(cfg.pipeline_args)
+    overrides += [f"model={cfg.model}", f"device={cfg.device}", f"num_threads={cfg.num_threads}",
+                  f"progress={cfg.progress}", f"output_dir={out / 'base'}", "seed=0"]  # fmt: skip
+    pcfg = load_config(PipelineConfig, None, overrides)
+    seed_everything(0, cfg.num_threads)
+    base_dir = out / "base"
+    paths = build_data(pcfg, base_dir)
+    sft_dir = run_sft(pcfg, base_dir, paths)
+    pairs = sample_pairs(pcfg, base_dir, paths, sft_dir)
+    base = {"paths": paths, "sft": sft_dir, "pairs": pairs, "rm": run_rm(pcfg, base_dir, sft_dir, pairs)}
+    records = []
+    for method, value, seed in tqdm(points(cfg), disable=not cfg.progress, desc="frontier"):
+        point_dir = out / "points" / point_name(method, value, seed)
+        done = point_dir / "point.json"
+        if not done.is_file():
+            record = run_point(cfg, base, pcfg, method, value, seed, point_dir)
+            point_dir.mkdir(parents=True, exist_ok=True)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(done)
+        records.append(json.loads(done.read_text()))
+    summary = summarise(records)
+    result = {"points": records, "summary": summary,
+              **conclusions(summary, cfg.method_list(), cfg.grid("budgets"))}  # fmt: skip
+    (out / "frontier.json").write_text(json.dumps(result, indent=2))
+    write_outputs(result, out)
+    print(f"rlhf frontier: {len(records)} points; report: {out / 'frontier.md'}")
+    return result
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """``frontier.md`` (the points' means and the conclusions) and ``frontier.png``."""
+    from matplotlib.figure import Figure
+
+    def fmt(e, key):
+        return "-" if key not in e else f"{e[key]:.3f} ± {e.get(key + '_sem', 0.0):.3f}"
+
+    lines = ["# Reward-KL frontier", "", "| method | strength | seeds | gold reward | KL to SFT | RM reward |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for e in result["summary"]:
+        lines.append(f"| {e['method']} | {e['strength']:g} | {e['seeds']} | {fmt(e, 'gold_reward')} | "
+                     f"{fmt(e, 'kl_to_sft')} | {fmt(e, 'rm_reward')} |")  # fmt: skip
+    lines += ["", "Best mean gold reward within each KL budget (nats per sequence):", ""]
+    for method, budgets in result["best_within_budget"].items():
+        cells = [f"{b}: " + ("-" if e is None else f"{e['gold_reward']:.3f} ({METHODS[method][0]} {e['strength']:g})")
+                 for b, e in budgets.items()]  # fmt: skip
+        lines.append(f"- {method}: " + "; ".join(cells))
+    pairs = result["dominates"]
+    lines += ["", "Dominance within the seeds' error: " + (", ".join(f"{a} over {b}" for a, b in pairs) or "none")]
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(e["method"] for e in result["summary"]):
+        curve = sorted((e for e in result["summary"] if e["method"] == method), key=lambda e: e["kl_to_sft"])
+        kl, gold = [e["kl_to_sft"] for e in curve], [e["gold_reward"] for e in curve]
+        sem = [e.get("gold_reward_sem", 0.0) for e in curve]
+        ax.errorbar(kl, gold, yerr=sem, marker="o", capsize=3, label=method)
+    ax.set_xlabel("exact KL to SFT (nats per sequence)")
+    ax.set_ylabel("gold reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=100)

@@ -1,0 +1,100 @@
+"""`rlhf frontier`: the grid and seeds give the expected points, the summary and the dominance computation on
+hand-made curves, best-of-n at its KL bound, and a quick sweep end to end that resumes point by point."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from rlhf import frontier  # noqa: E402
+from rlhf.cli import main  # noqa: E402
+from rlhf.evaluate import best_of_n_kl  # noqa: E402
+
+
+def test_points_are_the_grid_times_the_seeds():
+    cfg = frontier.FrontierConfig(methods="dpo,best_of_n", dpo="0.1,1", best_of_n="1,4", seeds="0,3")
+    assert frontier.points(cfg) == [
+        ("sft", 0.0, 0), ("sft", 0.0, 3),
+        ("dpo", 0.1, 0), ("dpo", 0.1, 3), ("dpo", 1.0, 0), ("dpo", 1.0, 3),
+        ("best_of_n", 1.0, 0), ("best_of_n", 1.0, 3), ("best_of_n", 4.0, 0), ("best_of_n", 4.0, 3),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="methods: unknown"):
+        frontier.FrontierConfig(methods="dpo,magic").validate()
+    with pytest.raises(ValueError, match="best_of_n values must be integers"):
+        frontier.FrontierConfig(best_of_n="1,2.5").validate()
+
+
+def record(method, strength, seed, gold, kl):
+    return {"method": method, "strength": strength, "seed": seed, "gold_reward": gold, "kl_to_sft": kl}
+
+
+def test_summary_means_and_standard_errors():
+    # gold 0.2 and 0.4: mean 0.3, sample sd 0.1414, s.e. 0.1; KL 1 and 3: mean 2, s.e. 1
+    (entry,) = frontier.summarise([record("dpo", 0.1, 0, 0.2, 1.0), record("dpo", 0.1, 1, 0.4, 3.0)])
+    assert entry["gold_reward"] == pytest.approx(0.3) and entry["gold_reward_sem"] == pytest.approx(0.1)
+    assert entry["kl_to_sft"] == pytest.approx(2.0) and entry["kl_to_sft_sem"] == pytest.approx(1.0)
+    assert entry["seeds"] == 2
+
+
+def curve(method, pts, sem=0.01):
+    return [{"method": method, "strength": float(i), "gold_reward": g, "gold_reward_sem": sem, "kl_to_sft": k}
+            for i, (k, g) in enumerate(pts)]  # fmt: skip
+
+
+def test_dominance_and_budgets_on_hand_made_curves():
+    a = curve("a", [(0.5, 0.3), (1.0, 0.5), (3.0, 0.7)])
+    b = curve("b", [(1.0, 0.2), (3.0, 0.6)])  # below a everywhere: a covers each b point, clearly
+    c = curve("c", [(0.2, 0.4)])  # less KL than any point of a: not dominated by a
+    close = curve("close", [(1.0, 0.495)])  # covered by a's (1.0, 0.5) but within the error (0.005 < 0.014)
+    summary = a + b + c + close
+    assert frontier.dominates(summary, "a", "b") and not frontier.dominates(summary, "b", "a")
+    assert not frontier.dominates(summary, "a", "c")
+    assert not frontier.dominates(summary, "a", "close")
+    assert frontier.best_within(summary, "a", 1.0)["gold_reward"] == 0.5
+    assert frontier.best_within(summary, "a", 0.1) is None
+    result = frontier.conclusions(summary, ["a", "b", "c"], [1.0, 5.0])
+    assert result["dominates"] == [["a", "b"]]
+    assert result["best_within_budget"]["b"]["5"]["gold_reward"] == 0.6
+
+
+def test_quick_sweep_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["frontier", f"output_dir={out}", "preset=quick", "methods=dpo,best_of_n", "dpo=0.1,1.0",
+            "best_of_n=1,4", "seeds=0,1", "num_threads=1", "progress=false"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert len(result["points"]) == 2 + 4 + 4
+    assert {(p["method"], p["strength"]) for p in result["points"]} == {
+        ("sft", 0.0), ("dpo", 0.1), ("dpo", 1.0), ("best_of_n", 1.0), ("best_of_n", 4.0)}  # fmt: skip
+    for p in result["points"]:
+        assert math.isfinite(p["gold_reward"]) and math.isfinite(p["kl_to_sft"])
+        if p["method"] == "best_of_n":
+            assert p["kl_to_sft"] == pytest.approx(best_of_n_kl(int(p["strength"])))  # the analytic bound
+        if p["method"] == "sft":
+            assert abs(p["kl_to_sft"]) < 1e-4
+    assert {e["method"] for e in result["summary"]} == {"sft", "dpo", "best_of_n"}
+    assert all(e["seeds"] == 2 for e in result["summary"])
+    assert (out / "frontier.png").is_file() and "| dpo | 0.1 | 2 |" in (out / "frontier.md").read_text()
+    # resume: finished points are kept as they are; a missing one is computed again, alone
+    kept = out / "points" / "dpo-0.1-s0" / "point.json"
+    mtime = kept.stat().st_mtime_ns
+    (out / "points" / "dpo-1-s1" / "point.json").unlink()
+    assert main(args) == 0
+    assert kept.stat().st_mtime_ns == mtime
+    assert json.loads((out / "frontier.json").read_text())["points"] == result["points"]  # same seeds, same values
+
+
+def test_every_trained_method_runs_a_point(tmp_path):
+    out = tmp_path / "all"
+    args = ["frontier", f"output_dir={out}", "preset=quick", "methods=kto,ppo,grpo", "kto=0.1", "ppo=0.05",
+            "grpo=0.04", "seeds=0", "budgets=1,100", "num_threads=1", "progress=false"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert [(p["method"], p["strength"]) for p in result["points"]] == [
+        ("sft", 0.0), ("kto", 0.1), ("ppo", 0.05), ("grpo", 0.04)]  # fmt: skip
+    for method, option in (("kto", "beta: 0.1"), ("ppo", "kl_coef: 0.05"), ("grpo", "beta: 0.04")):
+        assert option in (out / "points" / f"{method}-{option.split(': ')[1]}-s0" / method / "config.yaml").read_text()
+    assert set(result["best_within_budget"]) == {"kto", "ppo", "grpo"}
