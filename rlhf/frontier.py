@@ -28,6 +28,8 @@ from typing import Any
 
 from .config import _opt, validate_fields
 
+CURVE_METHODS = ("ppo", "grpo")  # RL runs evaluated along training (over-optimisation)
+CURVE_POINTS = 4  # checkpoints evaluated along each such run, besides step 0
 METHODS = {  # method -> (its strength, the pipeline option that carries it)
     "dpo": ("beta", "dpo_args"),
     "kto": ("beta", "kto_args"),
@@ -167,7 +169,11 @@ def run_point(cfg, base, pcfg, method: str, value: float, seed: int, point_dir: 
     strength, option = METHODS.get(method, (None, None))
     point_cfg = dataclasses.replace(pcfg, seed=seed)
     if option is not None:
-        point_cfg = dataclasses.replace(point_cfg, **{option: f"{getattr(pcfg, option)} {strength}={value:g}"})
+        extra = f"{strength}={value:g}"
+        if method in CURVE_METHODS:  # checkpoints along training, every one kept: the over-optimisation curve
+            steps = pcfg.ppo_steps if method == "ppo" else pcfg.task_default("grpo_steps")
+            extra += f" save_steps={max(steps // CURVE_POINTS, 1)} keep_checkpoints=0"
+        point_cfg = dataclasses.replace(point_cfg, **{option: f"{getattr(pcfg, option)} {extra}"})
     runs = {"dpo": lambda: run_dpo(point_cfg, point_dir, base["sft"], base["pairs"]),
             "kto": lambda: run_kto(point_cfg, point_dir, base["sft"], base["pairs"]),
             "ppo": lambda: run_ppo(point_cfg, point_dir, base["paths"], base["sft"], base["rm"]),
@@ -186,8 +192,30 @@ def run_point(cfg, base, pcfg, method: str, value: float, seed: int, point_dir: 
             model = sft_model if trained is None else load_causal_lm(str(trained), tokenizer).eval()
             metrics = ev.evaluate_policy(model, tokenizer, prompts, sft_model=sft_model, reward_model=rm,
                                          baseline_gold=None if method == "sft" else baseline, **common)  # fmt: skip
+        curve = training_curve(point_dir / method, base, tokenizer, sft_model, rm, prompts, common) if (
+            method in CURVE_METHODS) else None  # fmt: skip
     keep = ("gold_reward", "gold_reward_sem", "rm_reward", "kl_to_sft", "win_rate_vs_sft", "response_length")
-    return {"method": method, "strength": value, "seed": seed, **{k: metrics[k] for k in keep if k in metrics}}
+    out = {"method": method, "strength": value, "seed": seed, **{k: metrics[k] for k in keep if k in metrics}}
+    if curve is not None:
+        out["curve"] = curve
+    return out
+
+
+def training_curve(stage: Path, base: dict, tokenizer, sft_model, rm, prompts, common: dict) -> list[dict]:
+    """Gold reward, proxy (reward-model) reward and exact KL to SFT of the policy at each checkpoint of a PPO or
+    GRPO run (from the SFT policy at step 0): the over-optimisation curve of the point."""
+    from . import evaluate as ev
+    from .checkpoint import checkpoint_step, list_checkpoints, read_weights
+    from .models import load_causal_lm
+
+    policy = load_causal_lm(str(base["sft"]), tokenizer).eval()
+    curve = []
+    for step, ckpt in [(0, None)] + [(checkpoint_step(p), p) for p in list_checkpoints(stage)]:
+        if ckpt is not None:
+            policy.load_state_dict(read_weights(ckpt)["policy"])
+        metrics = ev.evaluate_policy(policy, tokenizer, prompts, sft_model=sft_model, reward_model=rm, **common)
+        curve.append({"step": step, **{k: metrics[k] for k in ("gold_reward", "rm_reward", "kl_to_sft")}})
+    return curve
 
 
 def train(cfg: FrontierConfig, resume: bool = True) -> dict:
@@ -269,3 +297,19 @@ def write_outputs(result: dict, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=100)
+    curves = [p for p in result["points"] if p.get("curve")]
+    if curves:
+        fig = Figure(figsize=(10, 4))
+        gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for p in curves:
+            kl = [c["kl_to_sft"] for c in p["curve"]]
+            label = f"{p['method']} {METHODS[p['method']][0]}={p['strength']:g} seed {p['seed']}"
+            gold_ax.plot(kl, [c["gold_reward"] for c in p["curve"]], marker="o", label=label)
+            proxy_ax.plot(kl, [c["rm_reward"] for c in p["curve"]], marker="o", label=label)
+        for ax, name in ((gold_ax, "gold reward"), (proxy_ax, "proxy (reward-model) reward")):
+            ax.set_xlabel("exact KL to SFT (nats per sequence)")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        proxy_ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "overoptimisation.png", dpi=100)

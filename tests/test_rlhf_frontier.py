@@ -98,3 +98,12 @@ def test_every_trained_method_runs_a_point(tmp_path):
     for method, option in (("kto", "beta: 0.1"), ("ppo", "kl_coef: 0.05"), ("grpo", "beta: 0.04")):
         assert option in (out / "points" / f"{method}-{option.split(': ')[1]}-s0" / method / "config.yaml").read_text()
     assert set(result["best_within_budget"]) == {"kto", "ppo", "grpo"}
+    # the over-optimisation curves: PPO and GRPO evaluated from SFT (step 0) at every checkpoint (2 steps: 1, 2)
+    for p in result["points"]:
+        if p["method"] in ("ppo", "grpo"):
+            assert [c["step"] for c in p["curve"]] == [0, 1, 2], p["method"]
+            assert abs(p["curve"][0]["kl_to_sft"]) < 1e-4  # step 0 is the SFT policy
+            assert p["curve"][-1]["gold_reward"] == pytest.approx(p["gold_reward"])  # the last is the final policy
+        else:
+            assert "curve" not in p
+    assert (out / "overoptimisation.png").is_file()
