@@ -144,23 +144,32 @@ def build_reference(cfg: DPOConfig, policy, tokenizer, device) -> tuple[torch.nn
     return frozen(copy.deepcopy(policy)), None
 
 
+def annotate_rows(rows: list[dict], keys: tuple[str, ...], score, collate, batch_size: int, autocast, device):
+    """Copies of ``rows`` with one python float per key of ``keys`` from ``score(batch) -> (B,) tensors`` (one
+    per key), computed in one pass over batches of ``batch_size``: on many processes each scores its share of the
+    rows and every process gets all the values. The precomputed reference log-probs of DPO and KTO."""
+    values = []
+    for part, real in distributed.shard_for_eval(rows, batch_size):
+        batch = to_device(collate(list(part)), device)
+        with autocast():
+            columns = score(batch)
+        if real:
+            values += list(zip(*(c.tolist() for c in columns), strict=True))
+    values = [v for share in distributed.all_gather_objects(values) for v in share]  # in row order
+    return [{**row, **dict(zip(keys, v, strict=True))} for row, v in zip(rows, values, strict=True)]
+
+
 def precompute_reference(
     rows: list[dict], ref, collate, cfg: DPOConfig, autocast, *, head: LMHead, context=None
 ) -> list[dict]:
-    """Copies of ``rows`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` (python floats) from ``ref``.
+    """Copies of ``rows`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` (python floats) from ``ref``: the
+    values :func:`reference_logps` gives live (:func:`annotate_rows`)."""
 
-    One no-grad pass in batches of ``eval_batch_size``; the values are those :func:`reference_logps` gives live.
-    On many processes each scores its share of the rows and every process gets all the values.
-    """
-    values, size, device = [], cfg.eval_batch_size, next(ref.parameters()).device
-    for part, real in distributed.shard_for_eval(rows, size):
-        batch = to_device(collate(list(part)), device)
-        with autocast():
-            chosen, rejected = reference_logps(ref, batch, average=uses_average(cfg), head=head, context=context)
-        if real:
-            values += list(zip(chosen.tolist(), rejected.tolist(), strict=True))
-    values = [pair for share in distributed.all_gather_objects(values) for pair in share]  # in row order
-    return [{**row, REF_KEYS[0]: c, REF_KEYS[1]: r} for row, (c, r) in zip(rows, values, strict=True)]
+    def score(batch):
+        return reference_logps(ref, batch, average=uses_average(cfg), head=head, context=context)
+
+    device = next(ref.parameters()).device
+    return annotate_rows(rows, REF_KEYS, score, collate, cfg.eval_batch_size, autocast, device)
 
 
 def batch_reference(batch: dict, ref, context, cfg: DPOConfig, head: LMHead):

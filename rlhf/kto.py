@@ -29,7 +29,7 @@ import torch
 
 from . import distributed
 from .config import KTOConfig
-from .dpo import build_reference
+from .dpo import annotate_rows, build_reference
 from .kto_data import REF_KEYS, KTOCollator, add_mismatched, check_both_labels
 from .models import LMHead, load_tokenizer
 from .sft import build_policy, save_policy
@@ -45,7 +45,6 @@ from .train import (
     shard_eval_batches,
     start_stage,
     supervised_batch,
-    to_device,
 )
 
 
@@ -142,18 +141,13 @@ def evaluate(model, rows, collate, cfg: KTOConfig, autocast, ref, context, head:
 
 
 def precompute_reference(rows: list[dict], ref, collate, cfg: KTOConfig, autocast, head: LMHead, context=None):
-    """Copies of ``rows`` with ``ref_logps`` and ``ref_kl_logps`` from ``ref`` (one no-grad pass; each process
-    scores its share, every process gets all the values)."""
-    values, device = [], next(ref.parameters()).device
-    for part, real in distributed.shard_for_eval(rows, cfg.eval_batch_size):
-        batch = to_device(collate(list(part)), device)
-        with autocast():
-            own = batch_reference(batch, ref, context, head)
-            mismatched = batch_reference(batch, ref, context, head, mismatched=True)
-        if real:
-            values += list(zip(own.tolist(), mismatched.tolist(), strict=True))
-    values = [v for share in distributed.all_gather_objects(values) for v in share]
-    return [{**row, REF_KEYS[0]: a, REF_KEYS[1]: b} for row, (a, b) in zip(rows, values, strict=True)]
+    """Copies of ``rows`` with ``ref_logps`` and ``ref_kl_logps`` from ``ref`` (:func:`rlhf.dpo.annotate_rows`)."""
+
+    def score(batch):
+        return batch_reference(batch, ref, context, head), batch_reference(batch, ref, context, head, mismatched=True)
+
+    device = next(ref.parameters()).device
+    return annotate_rows(rows, REF_KEYS, score, collate, cfg.eval_batch_size, autocast, device)
 
 
 def train(cfg: KTOConfig, resume: bool = False) -> dict:

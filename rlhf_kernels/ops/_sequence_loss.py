@@ -15,7 +15,20 @@ from collections.abc import Callable
 
 import torch
 
+from .._utils import check_label_range, require_none
 from ._linear import Chunk, group_ranges, run_chunks, save_linear_grads, scaled_linear_grads
+
+
+def check_responses(labels: torch.Tensor, vocab: int, ignore_index: int, what: str) -> None:
+    """Each label in [0, ``vocab``) or ``ignore_index``, and every sequence (row of ``labels``) with at least one
+    response token; ``what`` ends the error (why a sequence needs one). One host sync each."""
+    check_label_range(labels, vocab, ignore_index)
+    empty = (labels != ignore_index).sum(-1) == 0
+    require_none(
+        empty,
+        f"a sequence of labels has no response token (all {ignore_index}); {what}.",
+        lambda: f" Sequence {int(empty.nonzero()[0, 0])} ({int(empty.sum())} such sequences).",
+    )
 
 
 def unit_chunks(keep: torch.Tensor, units: int, width: int, T: int, budget: int) -> list[Chunk]:

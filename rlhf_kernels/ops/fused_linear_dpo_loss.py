@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
-from .._utils import check_label_range, check_labels, require_none
+from .._utils import check_labels
 from ._linear import check_chunk_size, chunk_rows, detach_without_grad, linear_operands
-from ._sequence_loss import fused_sequence_loss
+from ._sequence_loss import check_responses, fused_sequence_loss
 from .aggregation import check_normalizer
 from .dpo_loss import (
     AVERAGED_LOSS_TYPES,
@@ -94,14 +94,7 @@ def fused_linear_dpo_loss(
     )
     compiling = torch.compiler.is_compiling()
     if check and not compiling:
-        check_label_range(labels, V, ignore_index)
-        empty = (labels != ignore_index).sum(-1) == 0  # (2B,)
-        require_none(
-            empty,
-            f"a sequence of labels has no response token (all {ignore_index}); a DPO pair needs a non-empty "
-            "chosen and rejected response.",
-            lambda: f" Sequence {int(empty.nonzero()[0, 0])} ({int(empty.sum())} such sequences).",
-        )
+        check_responses(labels, V, ignore_index, "a DPO pair needs a non-empty chosen and rejected response")
     if average_log_prob is None:
         average_log_prob = loss_type in AVERAGED_LOSS_TYPES
     name = resolve_backend(backend, hidden.device, "logprobs")

@@ -12,23 +12,13 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
-from .._utils import check_label_range, check_labels, require_none
+from .._utils import check_labels
 from ._linear import check_chunk_size, chunk_rows, detach_without_grad, linear_operands
-from ._sequence_loss import fused_sequence_loss
+from ._sequence_loss import check_responses, fused_sequence_loss
 from .aggregation import check_normalizer
 from .dpo_loss import sequence_logps
 from .fused_linear_logprobs import fused_linear_logprobs
 from .kto_loss import check_desirable, check_kto_options, example_losses, kto_loss, kto_stats, reference_point
-
-
-def _check_responses(labels: torch.Tensor, ignore_index: int, V: int, what: str) -> None:
-    check_label_range(labels, V, ignore_index)
-    empty = (labels != ignore_index).sum(-1) == 0
-    require_none(
-        empty,
-        f"a sequence of {what} has no response token (all {ignore_index}); every example needs a completion.",
-        lambda: f" Sequence {int(empty.nonzero()[0, 0])} ({int(empty.sum())} such sequences).",
-    )
 
 
 def fused_linear_kto_loss(
@@ -98,7 +88,7 @@ def fused_linear_kto_loss(
             )
         check_labels(kl_labels, kl_hidden.shape[:-1], hidden.device)
         if check and not compiling:
-            _check_responses(kl_labels, ignore_index, V, "kl_labels")
+            check_responses(kl_labels, V, ignore_index, "every mismatched pair needs a completion (kl_labels)")
         with torch.no_grad():
             token_lp = fused_linear_logprobs(
                 kl_hidden.to(hidden.dtype), weight, kl_labels, bias=bias, ignore_index=ignore_index,
@@ -109,7 +99,7 @@ def fused_linear_kto_loss(
         raise ValueError("ref_kl_logps needs kl_hidden and kl_labels (the policy side of the mismatched pairs)")
     z = reference_point(policy_kl, ref_kl_logps, kl, torch.float32, hidden.device)
     if check and not compiling:
-        _check_responses(labels, ignore_index, V, "labels")
+        check_responses(labels, V, ignore_index, "every example needs a completion")
     options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     if name == "reference" or compiling:
         token_lp = fused_linear_logprobs(
