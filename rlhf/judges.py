@@ -119,7 +119,10 @@ def build_judge(spec: str, *, rubric: str, device: torch.device, dtype: str = "f
     if Path(spec).is_dir():
         return ScoreJudge(spec, reward_model_scores(spec, device, dtype, trust_remote_code))
     if ":" in spec:
-        return ScoreJudge(spec, checked(_import(spec), spec))
+        try:
+            return ScoreJudge(spec, checked(_import(spec), spec))
+        except UserError as err:  # the message of a reward-function spec, for a judge
+            raise UserError(str(err).replace("reward function", "judge", 1)) from None
     raise UserError(f"judge {spec!r} is neither 'gold', llm:<model>, a reward model directory, nor module:function")
 
 

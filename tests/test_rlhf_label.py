@@ -151,3 +151,10 @@ def test_bad_judge_is_named(tmp_path):
     data = write(tmp_path / "in.jsonl", ROWS)
     with pytest.raises(UserError, match="judge 'nothing' is neither"):
         label.train(label.LabelConfig(dataset=data, output=str(tmp_path / "o.jsonl"), judge="nothing", progress=False))
+
+
+def test_an_unimportable_judge_is_named_as_a_judge(tmp_path):
+    data = write(tmp_path / "in.jsonl", ROWS)
+    with pytest.raises(UserError, match=r"^judge 'no_such_module:fn': cannot import module"):
+        label.train(label.LabelConfig(dataset=data, output=str(tmp_path / "o.jsonl"), judge="no_such_module:fn",
+                                      progress=False))  # fmt: skip
