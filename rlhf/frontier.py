@@ -1,7 +1,9 @@
 """``rlhf frontier``: methods compared the way the papers do, by the frontier of gold reward against exact KL to SFT.
 
-Each method's strength is swept over a grid, each point over several seeds: DPO's and KTO's ``beta``, PPO's
-``kl_coef``, GRPO's ``beta`` (its KL to the reference), best-of-n's ``n``. Every point starts from the same SFT
+Each method's strength is swept over a grid, each point over several seeds: DPO's, IPO's and KTO's ``beta``,
+PPO's ``kl_coef`` or (``ppo_target_kl``) the target of its adaptive KL controller, GRPO's ``beta`` (its KL to the
+reference), best-of-n's ``n``. Pipeline policies without a strength to sweep (rejection sampling, PPO-ptx) are
+listed in the report as not swept. Every point starts from the same SFT
 policy, reward model and preference pairs (the pipeline's, built once in ``<output_dir>/base``) and is evaluated as
 the pipeline evaluates a policy: gold reward, proxy (reward-model) reward, exact sequence KL to SFT, win rate
 against SFT, on the held-out prompts, with the point's seed. A point is one directory with a ``point.json``
@@ -28,14 +30,34 @@ from typing import Any
 
 from .config import _opt, validate_fields
 
-CURVE_METHODS = ("ppo", "grpo")  # RL runs evaluated along training (over-optimisation)
+
+@dataclass(frozen=True)
+class Method:
+    """A swept method: the option that is its strength, the pipeline stage that trains it (None: sampling only),
+    the stage's pipeline option that carries the strength, and fixed stage options of the method."""
+
+    strength: str
+    stage: str | None = None
+    option: str | None = None
+    extra: str = ""
+
+
+METHODS = {
+    "dpo": Method("beta", "dpo", "dpo_args"),
+    "ipo": Method("beta", "dpo", "dpo_args", "loss_type=ipo"),
+    "kto": Method("beta", "kto", "kto_args"),
+    "ppo": Method("kl_coef", "ppo", "ppo_args"),
+    "ppo_target_kl": Method("target_kl", "ppo", "ppo_args", "adaptive_kl=true"),
+    "grpo": Method("beta", "grpo", "grpo_args"),
+    "best_of_n": Method("n"),
+}
+CURVE_STAGES = ("ppo", "grpo")  # RL runs evaluated along training (over-optimisation)
 CURVE_POINTS = 4  # checkpoints evaluated along each such run, besides step 0
-METHODS = {  # method -> (its strength, the pipeline option that carries it)
-    "dpo": ("beta", "dpo_args"),
-    "kto": ("beta", "kto_args"),
-    "ppo": ("kl_coef", "ppo_args"),
-    "grpo": ("beta", "grpo_args"),
-    "best_of_n": ("n", None),
+NOT_SWEPT = {  # pipeline policies the sweep leaves out, and why
+    "rs": "rejection sampling has no KL strength of its own (its n is best-of-n's; the SFT on the kept samples is "
+    "fixed)",
+    "ppo-ptx": "the pretraining-mix coefficient trades the SFT likelihood, not the KL; sweep ppo with "
+    "pipeline_args='ppo_args=\"ptx_coef=...\"' to see it",
 }
 PRESETS = {  # preset -> pipeline options of the base and of every point (sizes and steps)
     "default": "",
@@ -54,12 +76,17 @@ class FrontierConfig:
 
     output_dir: str = _opt("runs/frontier", "directory of the base stages, the points and the figures")
     model: str = _opt("builtin", "initial model (as the pipeline's model option)")
-    methods: str = _opt("dpo,kto,ppo,grpo,best_of_n", "methods to sweep: " + ", ".join(METHODS))
-    dpo: str = _opt("0.03,0.1,0.3,1.0", "DPO beta grid")
-    kto: str = _opt("0.03,0.1,0.3,1.0", "KTO beta grid")
-    ppo: str = _opt("0.01,0.05,0.2", "PPO kl_coef grid")
+    methods: str = _opt("dpo,ipo,kto,ppo,grpo,best_of_n", "methods to sweep: " + ", ".join(METHODS))
+    dpo: str = _opt("0.03,0.1,1.0", "DPO beta grid")
+    ipo: str = _opt("0.1,1.0", "IPO beta grid (DPO stage, loss_type=ipo)")
+    kto: str = _opt("0.03,0.1,1.0", "KTO beta grid")
+    ppo: str = _opt("0.02,0.2", "PPO kl_coef grid")
+    ppo_target_kl: str = _opt("1,4", "PPO target_kl grid (adaptive KL controller from kl_coef; see kl_horizon)")
+    kl_horizon: int = _opt(
+        160, "ppo_target_kl: the controller's horizon in sequences (the pipeline's PPO samples 100 x 16 = 1600: "
+        "160 lets kl_coef move by up to e^2 over a run)")  # fmt: skip
     grpo: str = _opt("0.0,0.04,0.2", "GRPO beta grid (its KL to the reference)")
-    best_of_n: str = _opt("1,2,4,8,16", "best-of-n grid of n")
+    best_of_n: str = _opt("2,4,8,16,32", "best-of-n grid of n")
     seeds: str = _opt("0,1", "seeds of every point")
     budgets: str = _opt("1,2,5", "KL budgets (nats per sequence) for the best gold reward within each")
     preset: str = _opt("default", "sizes: default (the pipeline's) | quick (a few steps; tests)")
@@ -166,19 +193,21 @@ def run_point(cfg, base, pcfg, method: str, value: float, seed: int, point_dir: 
     from .pipeline import run_dpo, run_grpo, run_kto, run_ppo
     from .pipeline_data import read_jsonl
 
-    strength, option = METHODS.get(method, (None, None))
+    spec = METHODS.get(method, Method("none"))  # "sft": the baseline, nothing trained
     point_cfg = dataclasses.replace(pcfg, seed=seed)
-    if option is not None:
-        extra = f"{strength}={value:g}"
-        if method in CURVE_METHODS:  # checkpoints along training, every one kept: the over-optimisation curve
-            steps = pcfg.ppo_steps if method == "ppo" else pcfg.task_default("grpo_steps")
+    if spec.option is not None:
+        extra = f"{spec.extra} {spec.strength}={value:g}"
+        if spec.strength == "target_kl":
+            extra += f" kl_horizon={cfg.kl_horizon}"
+        if spec.stage in CURVE_STAGES:  # checkpoints along training, every one kept: the over-optimisation curve
+            steps = pcfg.ppo_steps if spec.stage == "ppo" else pcfg.task_default("grpo_steps")
             extra += f" save_steps={max(steps // CURVE_POINTS, 1)} keep_checkpoints=0"
-        point_cfg = dataclasses.replace(point_cfg, **{option: f"{getattr(pcfg, option)} {extra}"})
+        point_cfg = dataclasses.replace(point_cfg, **{spec.option: f"{getattr(pcfg, spec.option)} {extra}"})
     runs = {"dpo": lambda: run_dpo(point_cfg, point_dir, base["sft"], base["pairs"]),
             "kto": lambda: run_kto(point_cfg, point_dir, base["sft"], base["pairs"]),
             "ppo": lambda: run_ppo(point_cfg, point_dir, base["paths"], base["sft"], base["rm"]),
             "grpo": lambda: run_grpo(point_cfg, point_dir, base["paths"], base["sft"], base["rm"])}  # fmt: skip
-    trained = runs[method]() if method in runs else None  # training first, with gradients
+    trained = runs[spec.stage]() if spec.stage else None  # training first, with gradients
     tokenizer = load_tokenizer(str(base["sft"]))
     sft_model = load_causal_lm(str(base["sft"]), tokenizer).eval()
     rm = load_reward_model(str(base["rm"]), tokenizer).eval()
@@ -192,8 +221,8 @@ def run_point(cfg, base, pcfg, method: str, value: float, seed: int, point_dir: 
             model = sft_model if trained is None else load_causal_lm(str(trained), tokenizer).eval()
             metrics = ev.evaluate_policy(model, tokenizer, prompts, sft_model=sft_model, reward_model=rm,
                                          baseline_gold=None if method == "sft" else baseline, **common)  # fmt: skip
-        curve = training_curve(point_dir / method, base, tokenizer, sft_model, rm, prompts, common) if (
-            method in CURVE_METHODS) else None  # fmt: skip
+        curve = training_curve(point_dir / spec.stage, base, tokenizer, sft_model, rm, prompts, common) if (
+            spec.stage in CURVE_STAGES) else None  # fmt: skip
     keep = ("gold_reward", "gold_reward_sem", "rm_reward", "kl_to_sft", "win_rate_vs_sft", "response_length")
     out = {"method": method, "strength": value, "seed": seed, **{k: metrics[k] for k in keep if k in metrics}}
     if curve is not None:
@@ -257,7 +286,7 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
         records.append(json.loads(done.read_text()))
     summary = summarise(records)
     result = {"points": records, "summary": summary,
-              **conclusions(summary, cfg.method_list(), cfg.grid("budgets"))}  # fmt: skip
+              **conclusions(summary, cfg.method_list(), cfg.grid("budgets")), "not_swept": NOT_SWEPT}  # fmt: skip
     (out / "frontier.json").write_text(json.dumps(result, indent=2))
     write_outputs(result, out)
     print(f"rlhf frontier: {len(records)} points; report: {out / 'frontier.md'}")
@@ -278,11 +307,13 @@ def write_outputs(result: dict, out: Path) -> None:
                      f"{fmt(e, 'kl_to_sft')} | {fmt(e, 'rm_reward')} |")  # fmt: skip
     lines += ["", "Best mean gold reward within each KL budget (nats per sequence):", ""]
     for method, budgets in result["best_within_budget"].items():
-        cells = [f"{b}: " + ("-" if e is None else f"{e['gold_reward']:.3f} ({METHODS[method][0]} {e['strength']:g})")
+        name = METHODS[method].strength
+        cells = [f"{b}: " + ("-" if e is None else f"{e['gold_reward']:.3f} ({name} {e['strength']:g})")
                  for b, e in budgets.items()]  # fmt: skip
         lines.append(f"- {method}: " + "; ".join(cells))
     pairs = result["dominates"]
     lines += ["", "Dominance within the seeds' error: " + (", ".join(f"{a} over {b}" for a, b in pairs) or "none")]
+    lines += ["", "Not swept:", "", *(f"- {name}: {why}" for name, why in result["not_swept"].items())]
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -303,7 +334,7 @@ def write_outputs(result: dict, out: Path) -> None:
         gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for p in curves:
             kl = [c["kl_to_sft"] for c in p["curve"]]
-            label = f"{p['method']} {METHODS[p['method']][0]}={p['strength']:g} seed {p['seed']}"
+            label = f"{p['method']} {METHODS[p['method']].strength}={p['strength']:g} seed {p['seed']}"
             gold_ax.plot(kl, [c["gold_reward"] for c in p["curve"]], marker="o", label=label)
             proxy_ax.plot(kl, [c["rm_reward"] for c in p["curve"]], marker="o", label=label)
         for ax, name in ((gold_ax, "gold reward"), (proxy_ax, "proxy (reward-model) reward")):

@@ -89,18 +89,29 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path):
 
 def test_every_trained_method_runs_a_point(tmp_path):
     out = tmp_path / "all"
-    args = ["frontier", f"output_dir={out}", "preset=quick", "methods=kto,ppo,grpo", "kto=0.1", "ppo=0.05",
-            "grpo=0.04", "seeds=0", "budgets=1,100", "num_threads=1", "progress=false"]  # fmt: skip
+    args = ["frontier", f"output_dir={out}", "preset=quick", "methods=kto,ipo,ppo,ppo_target_kl,grpo", "kto=0.1",
+            "ipo=0.5", "ppo=0.05", "ppo_target_kl=2", "grpo=0.04", "seeds=0", "budgets=1,100", "num_threads=1",
+            "progress=false"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((out / "frontier.json").read_text())
     assert [(p["method"], p["strength"]) for p in result["points"]] == [
-        ("sft", 0.0), ("kto", 0.1), ("ppo", 0.05), ("grpo", 0.04)]  # fmt: skip
-    for method, option in (("kto", "beta: 0.1"), ("ppo", "kl_coef: 0.05"), ("grpo", "beta: 0.04")):
-        assert option in (out / "points" / f"{method}-{option.split(': ')[1]}-s0" / method / "config.yaml").read_text()
-    assert set(result["best_within_budget"]) == {"kto", "ppo", "grpo"}
+        ("sft", 0.0), ("kto", 0.1), ("ipo", 0.5), ("ppo", 0.05), ("ppo_target_kl", 2.0), ("grpo", 0.04)]  # fmt: skip
+    # each point trained its stage with the method's options and its strength
+    for point, stage, options in (
+        ("kto-0.1", "kto", ["beta: 0.1"]),
+        ("ipo-0.5", "dpo", ["beta: 0.5", "loss_type: ipo"]),
+        ("ppo-0.05", "ppo", ["kl_coef: 0.05", "adaptive_kl: false"]),
+        ("ppo_target_kl-2", "ppo", ["target_kl: 2.0", "adaptive_kl: true", "kl_horizon: 160"]),
+        ("grpo-0.04", "grpo", ["beta: 0.04"]),
+    ):
+        config = (out / "points" / f"{point}-s0" / stage / "config.yaml").read_text()
+        for option in options:
+            assert option in config.splitlines(), (point, option)
+    assert set(result["best_within_budget"]) == {"kto", "ipo", "ppo", "ppo_target_kl", "grpo"}
+    assert set(result["not_swept"]) == {"rs", "ppo-ptx"} and "- rs: " in (out / "frontier.md").read_text()
     # the over-optimisation curves: PPO and GRPO evaluated from SFT (step 0) at every checkpoint (2 steps: 1, 2)
     for p in result["points"]:
-        if p["method"] in ("ppo", "grpo"):
+        if p["method"] in ("ppo", "ppo_target_kl", "grpo"):
             assert [c["step"] for c in p["curve"]] == [0, 1, 2], p["method"]
             assert abs(p["curve"][0]["kl_to_sft"]) < 1e-4  # step 0 is the SFT policy
             assert p["curve"][-1]["gold_reward"] == pytest.approx(p["gold_reward"])  # the last is the final policy
