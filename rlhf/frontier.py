@@ -3,12 +3,14 @@
 Each method's strength is swept over a grid, each point over several seeds: DPO's, IPO's and KTO's ``beta``,
 PPO's ``kl_coef`` or (``ppo_target_kl``) the target of its adaptive KL controller, GRPO's ``beta`` (its KL to the
 reference), best-of-n's ``n``. Pipeline policies without a strength to sweep (rejection sampling, PPO-ptx) are
-listed in the report as not swept. Every point starts from the same SFT
-policy, reward model and preference pairs (the pipeline's, built once in ``<output_dir>/base``) and is evaluated as
-the pipeline evaluates a policy: gold reward, proxy (reward-model) reward, exact sequence KL to SFT, win rate
-against SFT, on the held-out prompts, with the point's seed. A point is one directory with a ``point.json``
-written atomically last: a killed sweep continues where it stopped, a finished point is never recomputed,
-``--restart`` starts over.
+listed in the report as not swept. Every point starts from the same SFT policy, reward model and preference pairs
+(the pipeline's, built once in ``<output_dir>/base``; GRPO learns from that reward model, ``grpo_reward=rm``, as
+PPO and best-of-n do, so no method sees more than the labelled pairs) and is evaluated as the pipeline evaluates a
+policy: gold reward, proxy (reward-model) reward, exact sequence KL to SFT, win rate against SFT, on the held-out
+prompts, with the point's seed. A point is one directory with a ``point.json`` written atomically last: a killed
+sweep continues where it stopped, a finished point is never recomputed,
+``--restart`` starts over. On a user's task, ``pipeline_args`` names the datasets and the task's gold reward
+(``gold=module:function``, :func:`rlhf.rewards.gold_function`); without a gold reward there is no frontier.
 
 From the points, computed and not written by hand: per (method, strength) the mean and standard error over seeds;
 per method the best mean gold reward within each KL budget; and for each pair of methods whether one's frontier
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +54,13 @@ METHODS = {
     "grpo": Method("beta", "grpo", "grpo_args"),
     "best_of_n": Method("n"),
 }
+SWEEP_SETTINGS = ("model", "preset", "pipeline_args", "kl_horizon")  # a resumed sweep must keep these
 CURVE_STAGES = ("ppo", "grpo")  # RL runs evaluated along training (over-optimisation)
 CURVE_POINTS = 4  # checkpoints evaluated along each such run, besides step 0
 NOT_SWEPT = {  # pipeline policies the sweep leaves out, and why
     "rs": "rejection sampling has no KL strength of its own (its n is best-of-n's; the SFT on the kept samples is "
     "fixed)",
-    "ppo-ptx": "the pretraining-mix coefficient trades the SFT likelihood, not the KL; sweep ppo with "
-    "pipeline_args='ppo_args=\"ptx_coef=...\"' to see it",
+    "ppo-ptx": "its coefficient trades reward for SFT likelihood, not KL (a ppo sweep takes ptx_coef in ppo_args)",
 }
 PRESETS = {  # preset -> pipeline options of the base and of every point (sizes and steps)
     "default": "",
@@ -212,7 +215,7 @@ def run_point(cfg, base, pcfg, method: str, value: float, seed: int, point_dir: 
     sft_model = load_causal_lm(str(base["sft"]), tokenizer).eval()
     rm = load_reward_model(str(base["rm"]), tokenizer).eval()
     prompts = read_jsonl(base["paths"]["eval_prompts"])
-    common = dict(max_new_tokens=pcfg.max_new_tokens, batch_size=64, seed=seed)
+    common = dict(max_new_tokens=pcfg.max_new_tokens, batch_size=64, seed=seed, gold_fn=base["gold"])
     with torch.no_grad():
         baseline = ev.evaluate_policy(sft_model, tokenizer, prompts, **common)["per_prompt_gold"]
         if method == "best_of_n":
@@ -255,30 +258,52 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from .config import load_config
+    from .errors import UserError
     from .pipeline import PipelineConfig, run_rm, run_sft
-    from .pipeline_data import build_data, sample_pairs
+    from .pipeline_data import build_data, gold_function, sample_pairs
     from .train import seed_everything
 
     cfg.validate()
     out = Path(cfg.output_dir)
     if not resume and out.exists():
         shutil.rmtree(out)
-    overrides = shlex.split(PRESETS[cfg.preset]) + shlex.split(cfg.pipeline_args)
+    # GRPO learns from the reward model, as PPO and best-of-n do: every method sees only the labelled pairs
+    overrides = shlex.split(PRESETS[cfg.preset]) + ["grpo_reward=rm"] + shlex.split(cfg.pipeline_args)
     overrides += [f"model={cfg.model}", f"device={cfg.device}", f"num_threads={cfg.num_threads}",
                   f"progress={cfg.progress}", f"output_dir={out / 'base'}", "seed=0"]  # fmt: skip
-    pcfg = load_config(PipelineConfig, None, overrides)
+    try:
+        pcfg = load_config(PipelineConfig, None, overrides)
+    except ValueError as err:
+        raise UserError(f"pipeline_args: {err}") from None
+    settings = {k: getattr(cfg, k) for k in SWEEP_SETTINGS}  # what every point depends on besides its own values
+    recorded = out / "sweep.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        old = json.loads(recorded.read_text())
+        changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        raise UserError(f"{out} holds a sweep with other settings ({changed}): its points would not compare; "
+                        "use --restart or another output_dir")  # fmt: skip
+    if pcfg.gold is None and (pcfg.sft_dataset or pcfg.prompt_dataset or pcfg.eval_prompt_dataset):
+        raise UserError("a frontier measures gold reward: with your datasets, name your task's gold reward "
+                        "(pipeline_args='gold=module:function ...')")  # fmt: skip
     seed_everything(0, cfg.num_threads)
     base_dir = out / "base"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings, indent=2))
     paths = build_data(pcfg, base_dir)
     sft_dir = run_sft(pcfg, base_dir, paths)
     pairs = sample_pairs(pcfg, base_dir, paths, sft_dir)
-    base = {"paths": paths, "sft": sft_dir, "pairs": pairs, "rm": run_rm(pcfg, base_dir, sft_dir, pairs)}
+    base = {"paths": paths, "sft": sft_dir, "pairs": pairs, "rm": run_rm(pcfg, base_dir, sft_dir, pairs),
+            "gold": gold_function(pcfg, paths)}  # fmt: skip
     records = []
-    for method, value, seed in tqdm(points(cfg), disable=not cfg.progress, desc="frontier"):
+    bar = tqdm(points(cfg), disable=not cfg.progress, desc="frontier")
+    for method, value, seed in bar:
         point_dir = out / "points" / point_name(method, value, seed)
+        bar.set_postfix_str(point_dir.name)
         done = point_dir / "point.json"
         if not done.is_file():
+            start = time.perf_counter()
             record = run_point(cfg, base, pcfg, method, value, seed, point_dir)
+            record["seconds"] = round(time.perf_counter() - start, 1)  # training and evaluation of the point
             point_dir.mkdir(parents=True, exist_ok=True)
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=2))
@@ -294,8 +319,7 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    """``frontier.md`` (the points' means and the conclusions) and ``frontier.png``."""
-    from matplotlib.figure import Figure
+    """``frontier.md`` (the points' means and the conclusions), ``frontier.png`` and ``overoptimisation.png``."""
 
     def fmt(e, key):
         return "-" if key not in e else f"{e[key]:.3f} ± {e.get(key + '_sem', 0.0):.3f}"
@@ -315,6 +339,16 @@ def write_outputs(result: dict, out: Path) -> None:
     lines += ["", "Dominance within the seeds' error: " + (", ".join(f"{a} over {b}" for a, b in pairs) or "none")]
     lines += ["", "Not swept:", "", *(f"- {name}: {why}" for name, why in result["not_swept"].items())]
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    frontier_figure(result).savefig(out / "frontier.png", dpi=100)
+    figure = overoptimisation_figure(result)
+    if figure is not None:
+        figure.savefig(out / "overoptimisation.png", dpi=100)
+
+
+def frontier_figure(result: dict):
+    """Gold reward against exact KL to SFT: one curve per method (its points by KL), error bars over seeds."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for method in dict.fromkeys(e["method"] for e in result["summary"]):
@@ -322,25 +356,33 @@ def write_outputs(result: dict, out: Path) -> None:
         kl, gold = [e["kl_to_sft"] for e in curve], [e["gold_reward"] for e in curve]
         sem = [e.get("gold_reward_sem", 0.0) for e in curve]
         ax.errorbar(kl, gold, yerr=sem, marker="o", capsize=3, label=method)
-    ax.set_xlabel("exact KL to SFT (nats per sequence)")
-    ax.set_ylabel("gold reward")
+    ax.set_xlabel("exact KL to SFT (nats per sequence; best-of-n: analytic bound)")
+    ax.set_ylabel("gold reward (mean ± s.e. over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=100)
+    return fig
+
+
+def overoptimisation_figure(result: dict):
+    """Gold (left) and proxy (right) reward against exact KL along every PPO and GRPO point's run; None without
+    such points."""
+    from matplotlib.figure import Figure
+
     curves = [p for p in result["points"] if p.get("curve")]
-    if curves:
-        fig = Figure(figsize=(10, 4))
-        gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        for p in curves:
-            kl = [c["kl_to_sft"] for c in p["curve"]]
-            label = f"{p['method']} {METHODS[p['method']].strength}={p['strength']:g} seed {p['seed']}"
-            gold_ax.plot(kl, [c["gold_reward"] for c in p["curve"]], marker="o", label=label)
-            proxy_ax.plot(kl, [c["rm_reward"] for c in p["curve"]], marker="o", label=label)
-        for ax, name in ((gold_ax, "gold reward"), (proxy_ax, "proxy (reward-model) reward")):
-            ax.set_xlabel("exact KL to SFT (nats per sequence)")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-        proxy_ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "overoptimisation.png", dpi=100)
+    if not curves:
+        return None
+    fig = Figure(figsize=(10, 4))
+    gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for p in curves:
+        kl = [c["kl_to_sft"] for c in p["curve"]]
+        label = f"{p['method']} {METHODS[p['method']].strength}={p['strength']:g} seed {p['seed']}"
+        gold_ax.plot(kl, [c["gold_reward"] for c in p["curve"]], marker="o", label=label)
+        proxy_ax.plot(kl, [c["rm_reward"] for c in p["curve"]], marker="o", label=label)
+    for ax, name in ((gold_ax, "gold reward"), (proxy_ax, "proxy (reward-model) reward")):
+        ax.set_xlabel("exact KL to SFT (nats per sequence)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    proxy_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

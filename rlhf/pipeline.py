@@ -16,7 +16,9 @@ and reports held-out pass@1 and pass@k of SFT and GRPO.
 
 Every stage writes into its own directory and a ``DONE`` marker at its end, so re-running the command skips the
 finished stages and resumes an interrupted one from its checkpoints; ``--restart`` starts over. Your own model,
-datasets or reward model replace the built-in ones through the config (the gold-reward metrics then drop out).
+datasets or reward model replace the built-in ones through the config; ``gold=module:function`` gives your task's
+gold reward (it labels the sampled pairs, is GRPO's reward and the report's gold metric; without it, your prompts
+need a preference dataset and the gold-reward metrics drop out).
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class PipelineConfig:
         None, "preference pairs for RM and DPO (None = sampled from the SFT policy, labelled by the gold reward)"
     )
     reward_model: str | None = _opt(None, "a trained RewardModel directory (None = train one on the pairs)")
+    gold: str | None = _opt(
+        None, "your task's gold reward, module:function with the signature of a GRPO reward function (fn(prompts, "
+        "completions, **columns) -> numbers; each prompt row's other columns passed): labels the sampled pairs and "
+        "rankings, is GRPO's reward and the report's gold reward (None = the built-in task's)")  # fmt: skip
     sft_examples: int = _opt(2048, "built-in task: SFT demonstrations")
     train_prompts: int = _opt(512, "built-in task: prompts for pair sampling and PPO")
     eval_prompts: int | None = _opt(None, "built-in task: held-out prompts for the evaluation (None = the task's: "
@@ -169,7 +175,15 @@ class PipelineConfig:
         if self.rm_k < 2:
             raise ValueError(f"rm_k must be >= 2; got {self.rm_k}")
         if self.rm_k > 2 and self.preference_dataset:
-            raise ValueError("rm_k > 2 ranks samples by the built-in gold reward; it cannot use preference_dataset")
+            raise ValueError("rm_k > 2 ranks samples by the gold reward; it cannot use preference_dataset")
+        user_prompts = self.prompt_dataset or self.eval_prompt_dataset
+        sampled_pairs = set(self.stage_list()) & {"pairs", "rm", "dpo", "kto"} and not self.preference_dataset
+        if user_prompts and sampled_pairs and not self.gold and self.labels == "gold":
+            raise ValueError("pairs sampled for your prompts need a gold reward to label them: set gold=module:function"
+                             ", labels=ai with a judge, or preference_dataset")  # fmt: skip
+        if self.gold is not None and (":" not in self.gold or self.task == "qa"):
+            raise ValueError(f"gold must be module:function (and task=qa keeps its own exact-match reward); got "
+                             f"{self.gold!r}")  # fmt: skip
         if self.label_beta <= 0:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
         needs_rm = "ppo" in self.stage_list() or ("grpo" in self.stage_list() and self.grpo_reward == "rm")
@@ -393,7 +407,7 @@ def run_grpo(cfg: PipelineConfig, out: Path, paths: dict, sft_dir: Path, rm_dir:
             cfg,
             cfg.grpo_args,
             model=sft_dir,
-            reward_funcs=rm_dir if cfg.grpo_reward == "rm" else "gold",
+            reward_funcs=rm_dir if cfg.grpo_reward == "rm" else cfg.gold or "gold",
             dataset=paths["prompts"],
             output_dir=stage,
             max_steps=cfg.task_default("grpo_steps"),

@@ -89,19 +89,19 @@ def sample_pairs(
         return {"train": cfg.preference_dataset, "eval": None, "best_accuracy": None}
     splits = (("train", paths["prompts"]), ("eval", paths["eval_prompts"]))[: 2 if round_ == 1 else 1]
     if not is_done(stage):
-        info = {}
+        info, gold = {}, gold_function(cfg, paths)
         for split, source in splits:
             prompts = read_jsonl(source)
             seed = cfg.seed + 1_000 * (round_ - 1)
             a, b = (
                 sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=seed + k) for k in (1, 2)
             )
-            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=seed)
+            rows, best = task.label_pairs(prompts, a, b, beta=cfg.label_beta, seed=seed, gold_fn=gold)
             info[f"{split}_best_accuracy"] = best
             if split == "train" and cfg.labels == "ai":  # the judge replaces the gold draw (held-out pairs stay)
-                info["gold_draw_agreement"] = gold_label_accuracy(rows, task.gold_reward)
+                info["gold_draw_agreement"] = gold_label_accuracy(rows, gold)
                 rows, info["judge_order_agreement"] = judge_pairs(cfg, prompts, a, b)
-                info["judge_gold_agreement"] = gold_label_accuracy(rows, task.gold_reward)
+                info["judge_gold_agreement"] = gold_label_accuracy(rows, gold)
             write_jsonl(rows, stage / f"{split}.jsonl")
             info[f"{split}_pairs"] = len(rows)
         mark_done(stage, info)
@@ -122,7 +122,8 @@ def judge_pairs(cfg: PipelineConfig, prompts: list[dict], a: list[str], b: list[
     from .judges import build_judge
     from .models import resolve_device
 
-    judge = build_judge(cfg.judge, rubric=cfg.rubric, device=resolve_device(cfg.device))
+    spec = cfg.gold if cfg.judge == "gold" and cfg.gold else cfg.judge  # "gold": the run's gold reward
+    judge = build_judge(spec, rubric=cfg.rubric, device=resolve_device(cfg.device))
     rows = []
     for prompt, x, y in zip(prompts, a, b, strict=True):
         if x == y or not x.strip() or not y.strip():
@@ -133,6 +134,15 @@ def judge_pairs(cfg: PipelineConfig, prompts: list[dict], a: list[str], b: list[
             rows.append({"prompt": prompt["prompt"], "chosen": chosen, "rejected": rejected})
     agreement = sum(judge.agreement) / len(judge.agreement) if judge.agreement else None
     return rows, agreement
+
+
+def gold_function(cfg: PipelineConfig, paths: dict):
+    """The run's gold reward, ``gold(prompt, response) -> float``: the built-in task's, or the user's ``gold``
+    function called with each prompt row's other columns (:func:`rlhf.rewards.gold_function`)."""
+    from .rewards import gold_function as build
+
+    rows = [] if cfg.gold is None else read_jsonl(paths["prompts"]) + read_jsonl(paths["eval_prompts"])
+    return build(cfg.gold, rows)
 
 
 def gold_label_accuracy(rows: list[dict], gold_fn) -> float:
@@ -157,7 +167,10 @@ def sample_rankings(cfg: PipelineConfig, stage: Path, paths: dict, sft_dir: Path
             sample_responses(sft_dir, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + k)
             for k in range(1, cfg.rm_k + 1)
         ]
-        write_jsonl(task.rank_responses(prompts, list(zip(*samples)), beta=cfg.label_beta, seed=cfg.seed), path)
+        ranked = task.rank_responses(
+            prompts, list(zip(*samples)), beta=cfg.label_beta, seed=cfg.seed, gold_fn=gold_function(cfg, paths)
+        )
+        write_jsonl(ranked, path)
     return path
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .pipeline import PipelineConfig, is_done, mark_done, read_done, read_jsonl
-from .pipeline_data import gold_label_accuracy
+from .pipeline_data import gold_function, gold_label_accuracy
 
 
 def evaluate_stage(
@@ -18,14 +18,13 @@ def evaluate_stage(
     import torch
 
     from . import evaluate as ev
-    from . import task
     from .models import load_causal_lm, load_reward_model, load_tokenizer
 
     stage = out / "eval"
     if is_done(stage):
         return read_done(stage)
-    builtin_task = not (cfg.sft_dataset or cfg.prompt_dataset or cfg.eval_prompt_dataset)
-    gold_fn = task.gold_reward if builtin_task else (lambda prompt, response: 0.0)  # gold columns dropped below
+    has_gold = cfg.gold is not None or not (cfg.sft_dataset or cfg.prompt_dataset or cfg.eval_prompt_dataset)
+    gold_fn = gold_function(cfg, paths) if has_gold else (lambda prompt, response: 0.0)  # gold columns dropped below
     prompts = read_jsonl(paths["eval_prompts"])
     tokenizer = load_tokenizer(str(policies["sft"]))
     sft_model = load_causal_lm(str(policies["sft"]), tokenizer).eval()
@@ -65,8 +64,8 @@ def evaluate_stage(
             results["rm_accuracy"] = ev.reward_accuracy(rm, tokenizer, read_jsonl(Path(pairs["eval"])))
             results["rm_best_accuracy"] = pairs.get("best_accuracy")
             results["rm_k"] = cfg.rm_k
-            if builtin_task:  # the gold reward itself as a classifier of these particular (noisy) labels
-                results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), task.gold_reward)
+            if has_gold:  # the gold reward itself as a classifier of these particular (noisy) labels
+                results["gold_accuracy"] = gold_label_accuracy(read_jsonl(Path(pairs["eval"])), gold_fn)
     for key in ("judge_gold_agreement", "judge_order_agreement", "gold_draw_agreement"):
         if pairs.get(key) is not None:
             results[key] = pairs[key]
@@ -75,7 +74,7 @@ def evaluate_stage(
     for policy in results["policies"].values():
         policy.pop("per_prompt_gold", None)
         policy["examples"] = [[p["prompt"], r] for p, r in zip(prompts[:3], policy.pop("responses", [])[:3])]
-        if not builtin_task:
+        if not has_gold:
             for key in ("gold_reward", "gold_reward_sem", "win_rate_vs_sft"):
                 policy.pop(key, None)
     write_report(cfg, results, out)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,9 @@ def _gold(prompts, completions, columns, batch):
 
 def _import(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()  # a module in the working directory, also under the `rlhf` script (whose sys.path lacks it)
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -152,3 +157,44 @@ def compute_rewards(
     for rf in functions:
         total += torch.nan_to_num(per[rf.name] * rf.weight, nan=0.0)
     return total, per
+
+
+def gold_function(spec: str | None, rows: Sequence[dict] = ()) -> Callable[[str, str], float]:
+    """A task's gold reward as ``gold(prompt, response) -> float``: the built-in reviews task's
+    (:func:`rlhf.task.gold_reward`) when ``spec`` is None, else the user's ``module:function`` with the signature
+    of a reward function (module docstring), called on one sample with its prompt row's other columns, found by the
+    prompt text among ``rows``. A gold reward scores every sample: None, a non-number or an exception is a
+    :class:`UserError` naming the function and the sample; so is a prompt text that two rows give different
+    columns (the sample could not tell which to pass)."""
+    if spec is None:
+        from .task import gold_reward
+
+        return gold_reward
+    try:
+        fn = _import(spec)
+    except UserError as err:
+        raise UserError(str(err).replace("reward function", "gold reward", 1)) from None
+    columns_of: dict[str, dict] = {}
+    for row in rows:
+        columns = {k: v for k, v in row.items() if k != "prompt"}
+        if columns_of.setdefault(row["prompt"], columns) != columns:
+            raise UserError(f"gold reward {spec!r}: the prompt {row['prompt']!r} comes with different columns in "
+                            "two rows, so its samples cannot be scored unambiguously")  # fmt: skip
+    rf = RewardFunction(spec, 1.0, fn)
+
+    def gold(prompt: str, response: str) -> float:
+        columns = {k: [v] for k, v in columns_of.get(prompt, {}).items()}
+        try:
+            values = fn([prompt], [response], columns, None)
+            (value,) = _checked(rf, values, 1)
+        except UserError as err:
+            raise UserError(str(err).replace("reward function", "gold reward", 1)) from None
+        except Exception as err:
+            raise UserError(f"gold reward {spec!r} raised {type(err).__name__}: {err} (prompt {prompt!r}, "
+                            f"response {response!r})") from err  # fmt: skip
+        if math.isnan(value):
+            raise UserError(f"gold reward {spec!r} returned None for prompt {prompt!r}, response {response!r}: a "
+                            "gold reward must score every sample")  # fmt: skip
+        return value
+
+    return gold

@@ -35,7 +35,7 @@ import math
 import random
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 THINGS = (
     "hotel", "cafe", "museum", "movie", "book", "park", "beach", "concert", "restaurant", "train",
@@ -193,23 +193,26 @@ def label_pairs(
     *,
     beta: float = DEFAULT_BETA,
     seed: int = 0,
+    gold_fn: Callable[[str, str], float] | None = None,
 ) -> tuple[list[dict], float]:
     """Noisy preference labels: (rows {"prompt", "chosen", "rejected"}, best_accuracy).
 
     For each prompt, response a is chosen with probability sigmoid(beta (g_a - g_b)) on the gold rewards (one
-    uniform draw per pair from a generator seeded by `seed`). Pairs with identical responses are skipped.
+    uniform draw per pair from a generator seeded by `seed`); `gold_fn(prompt, response)` defaults to
+    :func:`gold_reward`. Pairs with identical responses are skipped.
     `prompts` are strings or rows with a "prompt". best_accuracy: `bt_best_accuracy` over the kept pairs (the best
     held-out accuracy any reward model can reach on such labels); nan when no pair is kept.
     """
     if not len(prompts) == len(responses_a) == len(responses_b):
         raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses_a)} a, {len(responses_b)} b")
+    gold_fn = gold_fn or gold_reward
     rng = random.Random(f"rlhf-task-labels-{seed}")
     rows, gold_a, gold_b = [], [], []
     for prompt, a, b in zip(prompts, responses_a, responses_b, strict=True):
         prompt = prompt["prompt"] if isinstance(prompt, dict) else prompt
         if a == b:
             continue
-        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+        ga, gb = gold_fn(prompt, a), gold_fn(prompt, b)
         a_wins = rng.random() < preference_probability(ga, gb, beta)
         chosen, rejected = (a, b) if a_wins else (b, a)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
@@ -220,14 +223,19 @@ def label_pairs(
 
 
 def rank_responses(
-    prompts: Sequence[str | dict], responses: Sequence[Sequence[str]], *, beta: float = DEFAULT_BETA, seed: int = 0
+    prompts: Sequence[str | dict],
+    responses: Sequence[Sequence[str]],
+    *,
+    beta: float = DEFAULT_BETA,
+    seed: int = 0,
+    gold_fn: Callable[[str, str], float] | None = None,
 ) -> list[dict]:
     """Noisy rankings of K responses per prompt: rows {"prompt", "responses"} with the responses best first.
 
     The ranking is a Plackett-Luce draw on the gold rewards, the K-response form of :func:`label_pairs`' draw:
     the best is drawn with probability proportional to exp(beta g), then the best of the rest, and so on (for
-    K = 2 exactly the Bradley-Terry label). Repeated responses of a prompt are kept once; a prompt left with
-    fewer than two distinct responses is skipped.
+    K = 2 exactly the Bradley-Terry label; `gold_fn` as there). Repeated responses of a prompt are kept once; a
+    prompt left with fewer than two distinct responses is skipped.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} response lists")
@@ -238,7 +246,7 @@ def rank_responses(
         left = list(dict.fromkeys(candidates))
         if len(left) < 2:
             continue
-        gold = {r: gold_reward(prompt, r) for r in left}
+        gold = {r: (gold_fn or gold_reward)(prompt, r) for r in left}
         order = []
         while left:
             top = max(beta * gold[r] for r in left)

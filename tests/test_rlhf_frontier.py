@@ -60,6 +60,26 @@ def test_dominance_and_budgets_on_hand_made_curves():
     assert result["best_within_budget"]["b"]["5"]["gold_reward"] == 0.6
 
 
+def test_figures_hold_one_curve_per_method():
+    summary = curve("dpo", [(1.0, 0.2), (3.0, 0.5)]) + curve("ppo", [(2.0, 0.4)]) + curve("best_of_n", [(0.3, 0.1)])
+    run = {
+        "method": "ppo",
+        "strength": 0.1,
+        "seed": 0,
+        "curve": [
+            {"step": s, "kl_to_sft": k, "gold_reward": g, "rm_reward": r}
+            for s, k, g, r in ((0, 0, 0, 1), (5, 2, 0.4, 3))
+        ],
+    }
+    fig = frontier.frontier_figure({"summary": summary, "points": [run]})
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["dpo", "ppo", "best_of_n"]
+    gold, proxy = frontier.overoptimisation_figure({"summary": summary, "points": [run]}).axes
+    assert len(gold.lines) == len(proxy.lines) == 1
+    assert list(proxy.lines[0].get_xdata()) == [0, 2] and list(proxy.lines[0].get_ydata()) == [1, 3]
+    assert frontier.overoptimisation_figure({"summary": summary, "points": []}) is None
+
+
 def test_quick_sweep_end_to_end_and_resume(tmp_path):
     out = tmp_path / "sweep"
     args = ["frontier", f"output_dir={out}", "preset=quick", "methods=dpo,best_of_n", "dpo=0.1,1.0",
@@ -84,7 +104,16 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path):
     (out / "points" / "dpo-1-s1" / "point.json").unlink()
     assert main(args) == 0
     assert kept.stat().st_mtime_ns == mtime
-    assert json.loads((out / "frontier.json").read_text())["points"] == result["points"]  # same seeds, same values
+
+    def values(points):  # all but the wall time
+        return [{k: v for k, v in p.items() if k != "seconds"} for p in points]
+
+    again = json.loads((out / "frontier.json").read_text())["points"]
+    assert values(again) == values(result["points"])  # same seeds, same values
+    assert all(p["seconds"] > 0 for p in again)
+    # other settings in the same directory would mix incomparable points: refused, nothing touched
+    assert main([*args, "pipeline_args=label_beta=2"]) == 2
+    assert kept.stat().st_mtime_ns == mtime
 
 
 def test_every_trained_method_runs_a_point(tmp_path):
