@@ -55,6 +55,10 @@ def test_dominance_and_budgets_on_hand_made_curves():
     assert not frontier.dominates(summary, "a", "close")
     assert frontier.best_within(summary, "a", 1.0)["gold_reward"] == 0.5
     assert frontier.best_within(summary, "a", 0.1) is None
+    # best-of-n's KL is an upper bound: dominance by it is claimed, dominance over it never
+    bon = [{**e, "method": "best_of_n"} for e in b]
+    assert frontier.dominates(a + b, "a", "b") and not frontier.dominates(a + bon, "a", "best_of_n")
+    assert frontier.dominates(curve("best_of_n", [(0.4, 0.9)]) + b, "best_of_n", "b")
     result = frontier.conclusions(summary, ["a", "b", "c"], [1.0, 5.0])
     assert result["dominates"] == [["a", "b"]]
     assert result["best_within_budget"]["b"]["5"]["gold_reward"] == 0.6
