@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import _opt, validate_fields
+from .config import _opt, load_config, validate_fields
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,15 @@ class FrontierConfig:
                 raise ValueError(f"{name} must list at least one value")
         if any(n < 1 or n != int(n) for n in self.grid("best_of_n")):
             raise ValueError("best_of_n values must be integers >= 1")
+        from .pipeline import STAGE_CONFIGS
+
+        for method in self.method_list():  # each strength through its stage's own checks, now, not minutes later
+            spec = METHODS[method]
+            for value in self.grid(method) if spec.stage else ():
+                try:
+                    load_config(STAGE_CONFIGS[spec.stage], None, [*spec.extra.split(), f"{spec.strength}={value:g}"])
+                except ValueError as err:
+                    raise ValueError(f"{method}={value:g}: {err}") from None
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]

@@ -25,6 +25,12 @@ def test_points_are_the_grid_times_the_seeds():
         frontier.FrontierConfig(methods="dpo,magic").validate()
     with pytest.raises(ValueError, match="best_of_n values must be integers"):
         frontier.FrontierConfig(best_of_n="1,2.5").validate()
+    # each strength goes through its stage's own checks before anything runs
+    with pytest.raises(ValueError, match="ppo_target_kl=0: target_kl must be > 0"):
+        frontier.FrontierConfig(methods="ppo_target_kl", ppo_target_kl="2,0").validate()
+    with pytest.raises(ValueError, match="ipo=-1: beta must be"):
+        frontier.FrontierConfig(ipo="-1").validate()
+    assert main(["frontier", "dpo=0.1,-1"]) == 2
 
 
 def record(method, strength, seed, gold, kl):
