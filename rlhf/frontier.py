@@ -335,11 +335,12 @@ def write_outputs(result: dict, out: Path) -> None:
     def fmt(e, key):
         return "-" if key not in e else f"{e[key]:.3f} ± {e.get(key + '_sem', 0.0):.3f}"
 
-    lines = ["# Reward-KL frontier", "", "| method | strength | seeds | gold reward | KL to SFT | RM reward |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["# Reward-KL frontier", "",
+             "| method | strength | seeds | gold reward | KL to SFT | RM reward | win rate vs SFT |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for e in result["summary"]:
         lines.append(f"| {e['method']} | {e['strength']:g} | {e['seeds']} | {fmt(e, 'gold_reward')} | "
-                     f"{fmt(e, 'kl_to_sft')} | {fmt(e, 'rm_reward')} |")  # fmt: skip
+                     f"{fmt(e, 'kl_to_sft')} | {fmt(e, 'rm_reward')} | {fmt(e, 'win_rate_vs_sft')} |")  # fmt: skip
     lines += ["", "Best mean gold reward within each KL budget (nats per sequence):", ""]
     for method, budgets in result["best_within_budget"].items():
         name = METHODS[method].strength

@@ -127,3 +127,14 @@ def test_a_module_in_the_working_directory_imports_without_it_on_sys_path(tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert gold_function("cwd_gold_module:score")("p", "r") == 1.5
+
+
+def test_the_gold_judge_is_the_runs_gold_reward():
+    """labels=ai judge=gold on a user's task judges by their gold= function (with the prompt's columns), not by the
+    built-in task's."""
+    from rlhf.pipeline_data import judge_pairs
+
+    cfg = PipelineConfig(labels="ai", judge="gold", gold="reward_fns:user_gold")
+    prompts = [{"prompt": "Describe the cat.", "word": "cat"}, {"prompt": "Describe the dog.", "word": "dog"}]
+    rows, _ = judge_pairs(cfg, prompts, ["a cat", "a long answer"], ["a long answer", "a dog"])
+    assert [r["chosen"] for r in rows] == ["a cat", "a dog"]  # 0.5 + 3 beats 1.3, whatever the built-in says
