@@ -8,9 +8,10 @@ listed in the report as not swept. Every point starts from the same SFT policy, 
 PPO and best-of-n do, so no method sees more than the labelled pairs) and is evaluated as the pipeline evaluates a
 policy: gold reward, proxy (reward-model) reward, exact sequence KL to SFT, win rate against SFT, on the held-out
 prompts, with the point's seed. A point is one directory with a ``point.json`` written atomically last: a killed
-sweep continues where it stopped, a finished point is never recomputed,
-``--restart`` starts over. On a user's task, ``pipeline_args`` names the datasets and the task's gold reward
-(``gold=module:function``, :func:`rlhf.rewards.gold_function`); without a gold reward there is no frontier.
+sweep continues where it stopped, a finished point is never recomputed, ``--restart`` starts over; a resumed
+sweep with another model, preset, ``pipeline_args`` or ``kl_horizon`` is refused. On a user's task,
+``pipeline_args`` names the datasets and the task's gold reward (``gold=module:function``,
+:func:`rlhf.rewards.gold_function`); without a gold reward there is no frontier.
 
 From the points, computed and not written by hand: per (method, strength) the mean and standard error over seeds;
 per method the best mean gold reward within each KL budget; and for each pair of methods whether one's frontier
@@ -299,7 +300,7 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
     seed_everything(0, cfg.num_threads)
     base_dir = out / "base"
     base_dir.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=2))
+    write_atomically(recorded, json.dumps(settings, indent=2))
     paths = build_data(pcfg, base_dir)
     sft_dir = run_sft(pcfg, base_dir, paths)
     pairs = sample_pairs(pcfg, base_dir, paths, sft_dir)
@@ -316,17 +317,22 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
             record = run_point(cfg, base, pcfg, method, value, seed, point_dir)
             record["seconds"] = round(time.perf_counter() - start, 1)  # training and evaluation of the point
             point_dir.mkdir(parents=True, exist_ok=True)
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2))
-            tmp.replace(done)
+            write_atomically(done, json.dumps(record, indent=2))
         records.append(json.loads(done.read_text()))
     summary = summarise(records)
     result = {"points": records, "summary": summary,
               **conclusions(summary, cfg.method_list(), cfg.grid("budgets")), "not_swept": NOT_SWEPT}  # fmt: skip
-    (out / "frontier.json").write_text(json.dumps(result, indent=2))
+    write_atomically(out / "frontier.json", json.dumps(result, indent=2))
     write_outputs(result, out)
     print(f"rlhf frontier: {len(records)} points; report: {out / 'frontier.md'}")
     return result
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` by one rename: a reader or a killed run never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_outputs(result: dict, out: Path) -> None:
@@ -351,11 +357,15 @@ def write_outputs(result: dict, out: Path) -> None:
     lines += ["", "Dominance within the seeds' error: " + (", ".join(f"{a} over {b}" for a, b in pairs) or "none")
               + " (never claimed over best-of-n, whose KL is an upper bound)"]  # fmt: skip
     lines += ["", "Not swept:", "", *(f"- {name}: {why}" for name, why in result["not_swept"].items())]
-    (out / "frontier.md").write_text("\n".join(lines) + "\n")
-    frontier_figure(result).savefig(out / "frontier.png", dpi=100)
-    figure = overoptimisation_figure(result)
-    if figure is not None:
-        figure.savefig(out / "overoptimisation.png", dpi=100)
+    write_atomically(out / "frontier.md", "\n".join(lines) + "\n")
+    for name, figure in (
+        ("frontier.png", frontier_figure(result)),
+        ("overoptimisation.png", overoptimisation_figure(result)),
+    ):
+        if figure is not None:  # atomically, as the JSON and Markdown
+            tmp = out / (name + ".tmp")
+            figure.savefig(tmp, format="png", dpi=100)
+            tmp.replace(out / name)
 
 
 def frontier_figure(result: dict):
