@@ -98,6 +98,8 @@ class FrontierConfig:
     pipeline_args: str = _opt("", "more pipeline options for the base and every point, 'key=value ...'")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     num_threads: int = _opt(0, "torch CPU threads (0 = torch default)")
+    workers: int = _opt(1, "points run at once, each in its own process; the CPU threads (num_threads, or torch's "
+                        "default) are split among them; on a GPU they share the device")  # fmt: skip
     progress: bool = _opt(True, "show progress bars")
 
     def validate(self) -> None:
@@ -111,6 +113,8 @@ class FrontierConfig:
             values = self.grid(name)
             if not values:
                 raise ValueError(f"{name} must list at least one value")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1; got {self.workers}")
         if any(n < 1 or n != int(n) for n in self.grid("best_of_n")):
             raise ValueError("best_of_n values must be integers >= 1")
         from .pipeline import STAGE_CONFIGS
@@ -306,19 +310,17 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
     pairs = sample_pairs(pcfg, base_dir, paths, sft_dir)
     base = {"paths": paths, "sft": sft_dir, "pairs": pairs, "rm": run_rm(pcfg, base_dir, sft_dir, pairs),
             "gold": gold_function(pcfg, paths)}  # fmt: skip
-    records = []
-    bar = tqdm(points(cfg), disable=not cfg.progress, desc="frontier")
-    for method, value, seed in bar:
-        point_dir = out / "points" / point_name(method, value, seed)
-        bar.set_postfix_str(point_dir.name)
-        done = point_dir / "point.json"
-        if not done.is_file():
-            start = time.perf_counter()
-            record = run_point(cfg, base, pcfg, method, value, seed, point_dir)
-            record["seconds"] = round(time.perf_counter() - start, 1)  # training and evaluation of the point
-            point_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(done, json.dumps(record, indent=2))
-        records.append(json.loads(done.read_text()))
+    todo = [p for p in points(cfg) if not (out / "points" / point_name(*p) / "point.json").is_file()]
+    bar = tqdm(total=len(points(cfg)), initial=len(points(cfg)) - len(todo), disable=not cfg.progress, desc="frontier")
+    if cfg.workers == 1:
+        for method, value, seed in todo:
+            bar.set_postfix_str(point_name(method, value, seed))
+            finish_point(cfg, base, pcfg, method, value, seed, out)
+            bar.update()
+    else:
+        run_in_workers(cfg, base, pcfg, todo, out, bar)
+    bar.close()
+    records = [json.loads((out / "points" / point_name(*p) / "point.json").read_text()) for p in points(cfg)]
     summary = summarise(records)
     result = {"points": records, "summary": summary,
               **conclusions(summary, cfg.method_list(), cfg.grid("budgets")), "not_swept": NOT_SWEPT}  # fmt: skip
@@ -326,6 +328,49 @@ def train(cfg: FrontierConfig, resume: bool = True) -> dict:
     write_outputs(result, out)
     print(f"rlhf frontier: {len(records)} points; report: {out / 'frontier.md'}")
     return result
+
+
+def finish_point(cfg: FrontierConfig, base: dict, pcfg, method: str, value: float, seed: int, out: Path) -> None:
+    """Run one point and write its ``point.json`` (atomically, last), with its wall time."""
+    point_dir = out / "points" / point_name(method, value, seed)
+    start = time.perf_counter()
+    record = run_point(cfg, base, pcfg, method, value, seed, point_dir)
+    record["seconds"] = round(time.perf_counter() - start, 1)  # training and evaluation of the point
+    point_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(point_dir / "point.json", json.dumps(record, indent=2))
+
+
+def _worker_point(cfg: FrontierConfig, base: dict, pcfg, method: str, value: float, seed: int, out: Path) -> None:
+    """A point in a worker process (spawned: a fresh interpreter): its threads, the run's gold reward, the point."""
+    import torch
+
+    from .pipeline_data import gold_function
+
+    torch.set_num_threads(pcfg.num_threads)
+    finish_point(cfg, {**base, "gold": gold_function(pcfg, base["paths"])}, pcfg, method, value, seed, out)
+
+
+def run_in_workers(cfg: FrontierConfig, base: dict, pcfg, todo: list, out: Path, bar) -> None:
+    """``cfg.workers`` processes run the points of ``todo``; each writes its own ``point.json``. The first failure
+    stops the sweep once the running points end (their results are kept; the rest run on resume)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    import torch
+
+    threads = max(1, (cfg.num_threads or torch.get_num_threads()) // cfg.workers)
+    wcfg = dataclasses.replace(pcfg, num_threads=threads, progress=False)  # one bar: the sweep's
+    plain = {k: v for k, v in base.items() if k != "gold"}  # the gold function is rebuilt in each worker
+    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_worker_point, cfg, plain, wcfg, *p, out) for p in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            bar.update(len(done))
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                for f in pending:
+                    f.cancel()
+                raise failed[0].exception()
 
 
 def write_atomically(path: Path, text: str) -> None:

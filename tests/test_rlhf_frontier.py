@@ -3,6 +3,7 @@ hand-made curves, best-of-n at its KL bound, and a quick sweep end to end that r
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -121,9 +122,20 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path):
     again = json.loads((out / "frontier.json").read_text())["points"]
     assert values(again) == values(result["points"])  # same seeds, same values
     assert all(p["seconds"] > 0 for p in again)
+    # the same sweep with two worker processes (one thread each, as here): the same points, bit for bit
+    parallel = [f"output_dir={tmp_path / 'parallel'}" if a.startswith("output_dir=") else a for a in args]
+    assert main([*parallel, "workers=2"]) == 0
+    assert values(json.loads((tmp_path / "parallel" / "frontier.json").read_text())["points"]) == values(again)
     # other settings in the same directory would mix incomparable points: refused, nothing touched
     assert main([*args, "pipeline_args=label_beta=2"]) == 2
     assert kept.stat().st_mtime_ns == mtime
+    # a point failing in a worker stops the sweep with its error; the finished points stay
+    blocked = tmp_path / "parallel" / "points" / "dpo-1-s1"
+    shutil.rmtree(blocked)
+    blocked.write_text("a file where the point's directory goes")
+    with pytest.raises(OSError):
+        main([*parallel, "workers=2"])
+    assert (tmp_path / "parallel" / "points" / "dpo-0.1-s0" / "point.json").is_file()
 
 
 def test_every_trained_method_runs_a_point(tmp_path):
