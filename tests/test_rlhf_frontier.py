@@ -34,6 +34,13 @@ def test_points_are_the_grid_times_the_seeds():
     assert main(["frontier", "dpo=0.1,-1"]) == 2
 
 
+def test_workers_auto():
+    assert frontier.auto_workers("cpu", 1) == 1  # one thread: nothing to split
+    assert frontier.auto_workers("cpu", 2) == 2 and frontier.auto_workers("cpu", 16) == 2
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        frontier.FrontierConfig(workers=-1).validate()
+
+
 def record(method, strength, seed, gold, kl):
     return {"method": method, "strength": strength, "seed": seed, "gold_reward": gold, "kl_to_sft": kl}
 
