@@ -184,6 +184,10 @@ class PipelineConfig:
         if self.gold is not None and (":" not in self.gold or self.task == "qa"):
             raise ValueError(f"gold must be module:function (and task=qa keeps its own exact-match reward); got "
                              f"{self.gold!r}")  # fmt: skip
+        if self.gold is not None:  # importable now, not after the SFT stage (rows and columns come later)
+            from .rewards import gold_function
+
+            gold_function(self.gold)
         if self.label_beta <= 0:
             raise ValueError(f"label_beta must be > 0; got {self.label_beta}")
         needs_rm = "ppo" in self.stage_list() or ("grpo" in self.stage_list() and self.grpo_reward == "rm")

@@ -116,6 +116,8 @@ def test_gold_function_errors(tmp_path):
         PipelineConfig(prompt_dataset=str(tmp_path / "p.jsonl")).validate()
     with pytest.raises(ValueError, match="gold must be module:function"):
         PipelineConfig(gold="nocolon").validate()
+    assert main(["pipeline", f"output_dir={tmp_path / 'none'}", "gold=no_such_module:f"]) == 2  # before any stage
+    assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="gold must be module:function"):
         PipelineConfig(task="qa", gold="reward_fns:user_gold").validate()
 
